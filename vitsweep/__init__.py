@@ -1,0 +1,1 @@
+"""vitsweep: a Hydra-configured research harness for Vision Transformers."""

@@ -1,0 +1,1 @@
+"""Augmentation that runs batched on the training device: the augment config group."""

@@ -1,0 +1,65 @@
+"""The record every job keeps, whatever backend is chosen: `metrics.jsonl` and `summary.json`
+(format in docs/outputs.md), plus an optional backend (W&B, TensorBoard, CSV) fed the same scalars."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+class RunLogger:
+    def __init__(self, job_dir: Path, backend=None, summary: dict | None = None):
+        self.job_dir = Path(job_dir)
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        self.backend = backend
+        self.start_time = time.time()
+        self.metrics_file = open(self.job_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered
+        self.summary = {"status": "running", "error": None, "metrics": {}, **(summary or {})}
+        self.write_summary()
+
+    def start_backend(self, config: dict, run_info: dict) -> None:
+        if self.backend is not None:
+            self.backend.start(config=config, run_info=run_info, job_dir=self.job_dir)
+
+    def log(self, metrics: dict[str, float], step: int, epoch: int) -> None:
+        record = {"step": step, "epoch": epoch, "time_s": round(time.time() - self.start_time, 3)}
+        record.update({k: _json_safe(float(v)) for k, v in metrics.items()})
+        self.metrics_file.write(json.dumps(record) + "\n")
+        if self.backend is not None:
+            self.backend.log(metrics, step=step, epoch=epoch)
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        if self.backend is not None and hasattr(self.backend, "log_images"):
+            self.backend.log_images(images, step=step)
+
+    def update_summary(self, **fields) -> None:
+        self.summary.update(fields)
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        self.summary["wall_time_s"] = round(time.time() - self.start_time, 3)
+        data = {k: _json_safe(v) for k, v in self.summary.items()}
+        data["metrics"] = {k: _json_safe(v) for k, v in self.summary.get("metrics", {}).items()}
+        write_json_atomic(self.job_dir / "summary.json", data)
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Close the job's record; the backend run ends with exit code 0 or 1 accordingly, so a
+        multirun never merges two jobs into one run and failed jobs show as failed."""
+        self.update_summary(status=status, error=error)
+        self.metrics_file.close()
+        if self.backend is not None:
+            self.backend.finish(summary=self.summary, exit_code=0 if status == "completed" else 1)

@@ -1,0 +1,60 @@
+"""Weights & Biases: one run per Hydra job. Offline automatically when no API key is set (the run
+then lives in `<job dir>/wandb/offline-run-*`; `wandb sync` uploads it later)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class WandbLogger:
+    def __init__(self, project: str = "vitsweep", entity: str | None = None, group: str | None = None,
+                 name: str | None = None, tags: list[str] | None = None, mode: str = "auto",
+                 notes: str | None = None):
+        if mode not in ("auto", "online", "offline", "disabled"):
+            raise ValueError(f"logger.mode={mode!r} is not one of: auto, online, offline, disabled")
+        self.project, self.entity, self.group, self.name = project, entity, group, name
+        self.tags, self.notes = list(tags or []), notes
+        self.mode = mode if mode != "auto" else (os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline"))
+        self.run = None
+
+    def start(self, config: dict, run_info: dict, job_dir: Path) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            project=self.project, entity=self.entity, mode=self.mode, dir=str(job_dir),
+            group=self.group or run_info.get("group"), name=self.name or run_info.get("name"),
+            tags=self.tags + run_info.get("tags", []), notes=self.notes, config=config,
+            id=run_info.get("wandb_id"), resume="allow" if run_info.get("wandb_id") else None,
+            reinit="finish_previous",  # a multirun job never writes into the previous job's run
+        )
+        run_info["wandb_id"] = self.run.id
+
+    def log(self, metrics: dict, step: int, epoch: int) -> None:
+        self.run.log({**metrics, "epoch": epoch, "trainer/step": step})
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(str(path)) for name, path in images.items()})
+
+    def finish(self, summary: dict, exit_code: int) -> None:
+        if self.run is None:
+            return
+        for key in ("status", "best_value", "best_epoch", "num_params", "wall_time_s", "error"):
+            if summary.get(key) is not None:
+                self.run.summary[key] = summary[key]
+        monitor = summary.get("monitor")
+        if monitor and summary.get("best_value") is not None:
+            self.run.summary[f"{monitor}_best"] = summary["best_value"]
+        for key, value in summary.get("metrics", {}).items():
+            self.run.summary[key] = value
+        self.run.finish(exit_code=exit_code)
+        self.run = None

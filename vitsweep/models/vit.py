@@ -1,0 +1,208 @@
+"""A Vision Transformer from scratch (Dosovitskiy et al., 2020), in the shape of timm's.
+
+Module names follow timm's `VisionTransformer` (patch_embed.proj, cls_token, blocks.i.attn.qkv,
+blocks.i.mlp.fc1, norm, head), so timm weights port with little renaming (see pretrained.py).
+The attention pattern, the norm layer and the position embedding are components injected by
+the config groups model/attention, model/norm and model/pos_embed.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from vitsweep.models.attention import MultiHeadAttention
+from vitsweep.models.pretrained import freeze, load_pretrained
+from vitsweep.models.pos_embed import LearnedPositionEmbedding
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into patch_size x patch_size patches every `stride` pixels (stride below the
+    patch size: overlapping patches) and project each to `dim` with one strided convolution."""
+
+    def __init__(self, image_size, patch_size: int, stride: int | None, in_channels: int, dim: int):
+        super().__init__()
+        stride = stride or patch_size
+        h, w = _pair(image_size)
+        for side, name in ((h, "height"), (w, "width")):
+            if side < patch_size or (side - patch_size) % stride != 0:
+                hint = (f"use an image size divisible by {patch_size}" if stride == patch_size
+                        else f"need (image_size - patch_size) divisible by the stride {stride}")
+                raise ValueError(
+                    f"model.patch_size={patch_size} (stride {stride}) does not tile image {name} {side}: {hint}"
+                )
+        self.grid_size = ((h - patch_size) // stride + 1, (w - patch_size) // stride + 1)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.flattened_patch_dim = patch_size * patch_size * in_channels
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=stride)
+
+    def forward(self, x):  # (B, C, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, gh*gw, dim)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """One encoder layer. Pre-norm (x + f(norm(x)), the ViT default, stable when deep) or
+    post-norm (norm(x + f(x)), the original Transformer)."""
+
+    def __init__(self, dim, mlp_dim, attention: Callable[..., nn.Module], norm: Callable[[int], nn.Module],
+                 norm_placement: str, dropout: float, drop_path: float):
+        super().__init__()
+        self.pre_norm = norm_placement == "pre"
+        self.norm1 = norm(dim)
+        self.attn = attention(dim)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm(dim)
+        self.mlp = Mlp(dim, mlp_dim, dropout)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x, return_attention: bool = False):
+        if self.pre_norm:
+            out, attn = self.attn(self.norm1(x), return_attention)
+            x = x + self.drop_path1(out)
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        else:
+            out, attn = self.attn(x, return_attention)
+            x = self.norm1(x + self.drop_path1(out))
+            x = self.norm2(x + self.drop_path2(self.mlp(x)))
+        return x, attn
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        image_size=224,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_dim: int = 3072,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        drop_path: float = 0.0,
+        patch_stride: int | None = None,
+        pooling: str = "cls",
+        norm_placement: str = "pre",
+        qkv_bias: bool = True,
+        attention: Callable[..., nn.Module] | None = None,
+        norm: Callable[[int], nn.Module] | None = None,
+        pos_embed: Callable[..., nn.Module] | None = None,
+        pretrained: str | None = None,
+        trainable: str = "all",
+    ):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"model.pooling={pooling!r} is not one of: cls, mean")
+        if norm_placement not in ("pre", "post"):
+            raise ValueError(f"model.norm_placement={norm_placement!r} is not one of: pre, post")
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"model.embed_dim={embed_dim} is not divisible by model.num_heads={num_heads}: "
+                f"pick num_heads among the divisors of {embed_dim}"
+            )
+        attention = attention or MultiHeadAttention
+        norm = norm or partial(nn.LayerNorm, eps=1e-6)
+        pos_embed = pos_embed or LearnedPositionEmbedding
+        self.pooling, self.num_classes, self.embed_dim = pooling, num_classes, embed_dim
+        self.num_prefix_tokens = 1 if pooling == "cls" else 0
+
+        self.patch_embed = PatchEmbed(image_size, patch_size, patch_stride, in_channels, embed_dim)
+        self.grid_size = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pooling == "cls" else None
+        self.pos_embed = pos_embed(self.grid_size, self.num_prefix_tokens, embed_dim)
+        self.pos_drop = nn.Dropout(dropout)
+        drop_path_rates = torch.linspace(0, drop_path, depth).tolist()  # deeper layers drop more
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim, mlp_dim,
+                attention=partial(attention, num_heads=num_heads, grid_size=self.grid_size,
+                                  num_prefix_tokens=self.num_prefix_tokens, layer_idx=i, qkv_bias=qkv_bias,
+                                  attn_drop=attention_dropout, proj_drop=dropout),
+                norm=norm, norm_placement=norm_placement, dropout=dropout, drop_path=drop_path_rates[i],
+            )
+            for i in range(depth)
+        )
+        # cls pooling normalizes every token before taking cls; mean pooling normalizes the
+        # pooled vector (timm's fc_norm). Either way one module called `norm`.
+        self.norm = norm(embed_dim)
+        self.head_drop = nn.Dropout(dropout)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+        if pretrained:  # a checkpoint path or timm:NAME, adapted to this shape (see pretrained.py)
+            load_pretrained(self, pretrained)
+        freeze(self, trainable)
+
+    def _init_weights(self):
+        # timm's default ViT init: truncated normal Linear weights, zero biases, tiny cls token
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that weight decay should leave alone (besides norms and biases)."""
+        return {"cls_token", "pos_embed.weight"}
+
+    def forward_features(self, x, return_attention: bool = False):
+        x = self.patch_embed(x)  # (B, P, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+P, D)
+        x = self.pos_drop(self.pos_embed(x))
+        attentions = []
+        for block in self.blocks:
+            x, attn = block(x, return_attention)  # attn: (B, nh, N, N) or None
+            attentions.append(attn)
+        if self.pooling == "cls":
+            x = self.norm(x)
+        return (x, attentions) if return_attention else x
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if self.pooling == "cls":
+            x = x[:, 0]  # (B, D)
+        else:
+            x = self.norm(x[:, self.num_prefix_tokens:].mean(dim=1))  # (B, D)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x, return_attention: bool = False):
+        """Logits (B, num_classes); with return_attention, also a list over layers of the attention
+        probabilities, each (B, num_heads, N, N) with N = num_prefix_tokens + num_patches."""
+        if return_attention:
+            tokens, attentions = self.forward_features(x, return_attention=True)
+            return self.forward_head(tokens), attentions
+        return self.forward_head(self.forward_features(x))
+
+    def summary(self) -> str:
+        num_params = sum(p.numel() for p in self.parameters())
+        gh, gw = self.grid_size
+        return (
+            f"VisionTransformer: {num_params / 1e6:.2f}M parameters | grid {gh}x{gw} = {gh * gw} patches "
+            f"+ {self.num_prefix_tokens} cls | flattened_patch_dim {self.patch_embed.flattened_patch_dim} | "
+            f"embed_dim {self.embed_dim} | depth {len(self.blocks)} | pooling {self.pooling} | "
+            f"attention {type(self.blocks[0].attn).__name__} | norm {type(self.norm).__name__} | "
+            f"pos_embed {type(self.pos_embed).__name__}"
+        )

@@ -1,0 +1,207 @@
+"""The one training loop. Reads top to bottom: set-up, resume, then epochs of
+(batches -> augment -> forward -> backward -> step), validation, checkpoints, and finally the test
+split scored with the best checkpoint.
+
+Reproducibility: every RNG is reseeded from (seed, epoch) at the start of each epoch and the batch
+order is a function of (seed, epoch), so a run resumed from `last.pt` follows the same path as an
+uninterrupted one. A mid-epoch stop (trainer.max_time) saves the RNG states and the position in
+the epoch, and resumes from exactly there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vitsweep.metrics import batch_accuracy, classification_metrics
+from vitsweep.trainer.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def resolve_device(device: str) -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class FitResult:
+    best_value: float | None
+    best_epoch: int | None
+    epochs_completed: int
+    steps: int
+    stopped_by_time: bool
+
+
+class Trainer:
+    def __init__(self, max_epochs: int = 10, max_time: float | None = None, device: str = "auto",
+                 precision: str = "auto", compile: str | bool = "auto", gradient_clip_val: float | None = 1.0,
+                 accumulate_grad_batches: int = 1, monitor: str = "val/acc", monitor_mode: str = "max",
+                 log_every_n_steps: int = 50, progress_bar: bool = True):
+        if monitor_mode not in ("max", "min"):
+            raise ValueError(f"trainer.monitor_mode={monitor_mode!r} is not one of: max, min")
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
+        self.max_epochs, self.max_time = max_epochs, max_time
+        self.device = resolve_device(device)
+        if precision == "auto":  # bf16 where the hardware has it; fp32 on CPU (bf16 is ~10x slower there)
+            precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "32"
+        if precision not in ("32", "bf16", "16"):
+            raise ValueError(f"trainer.precision={precision!r} is not one of: auto, 32, bf16, 16")
+        self.precision = precision
+        self.compile = (self.device.type == "cuda") if compile == "auto" else bool(compile)
+        self.gradient_clip_val, self.accumulate = gradient_clip_val, accumulate_grad_batches
+        self.monitor, self.monitor_mode = monitor, monitor_mode
+        self.log_every_n_steps, self.progress_bar = log_every_n_steps, progress_bar
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def autocast(self):
+        if self.precision == "32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.monitor_mode == "max" else value < best
+
+    @torch.inference_mode()
+    def evaluate(self, model, data, split: str, loss_fn) -> dict[str, float]:
+        model.eval()
+        logits_all, labels_all = [], []
+        for images, labels in data.eval_batches(split):
+            with self.autocast():
+                logits_all.append(model(data.normalize(images)).float())
+            labels_all.append(labels)
+        logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+        return {f"{split}/loss": loss_fn(logits, labels).item(), **classification_metrics(logits, labels, split)}
+
+    def fit(self, model, data, augment, loss_fn, optimizer, scheduler, logger, ckpt_dir: Path, seed: int,
+            checkpoint_extra: dict, resume_state: dict | None = None) -> FitResult:
+        raw_model = model  # the un-compiled module: its state_dict has the plain parameter names
+        if self.compile:
+            model = torch.compile(model)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "16")
+        steps_per_epoch = data.steps_per_epoch() // self.accumulate
+        if steps_per_epoch < 1:
+            raise ValueError(f"data.batch_size={data.batch_size} x trainer.accumulate_grad_batches={self.accumulate} "
+                             f"exceeds the {len(data.split('train'))} training images: lower data.batch_size")
+        epoch, step, skip_batches, elapsed_before = 0, 0, 0, 0.0
+        best_value, best_epoch = None, None
+        if resume_state is not None:  # continue the run that wrote last.pt
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+            scaler.load_state_dict(resume_state["scaler"])
+            epoch, step, skip_batches = resume_state["epoch"], resume_state["step"], resume_state["batch_in_epoch"]
+            best_value, best_epoch = resume_state.get("best_value"), resume_state.get("best_epoch")
+            elapsed_before = resume_state.get("elapsed_s", 0.0)
+        start_time = time.time() - elapsed_before  # max_time counts the time before a resume too
+
+        def checkpoint(name: str, epoch: int, batch_in_epoch: int) -> None:
+            save_checkpoint(ckpt_dir / name, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
+                "best_value": best_value, "best_epoch": best_epoch, "elapsed_s": time.time() - start_time,
+                "rng": capture_rng_state(), **checkpoint_extra,
+            })
+
+        stopped_by_time = False
+        while epoch < self.max_epochs and not stopped_by_time:
+            model.train()
+            if skip_batches == 0:
+                seed_everything(seed * 1000 + epoch)
+            else:
+                restore_rng_state(resume_state["rng"])  # mid-epoch resume: the exact RNG position
+            batches = data.train_batches(epoch, seed, skip=skip_batches * self.accumulate)
+            batch_in_epoch = skip_batches
+            skip_batches = 0
+            epoch_loss, epoch_acc, epoch_images = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
+            window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.time()
+            bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}",
+                       disable=not self.progress_bar, leave=False, dynamic_ncols=True)
+            for micro_step, (images, targets) in enumerate(batches):
+                images, targets = augment(images, targets)
+                with self.autocast():
+                    logits = model(data.normalize(images))  # (B, num_classes)
+                    loss = loss_fn(logits, targets)
+                scaler.scale(loss / self.accumulate).backward()
+                if (micro_step + 1) % self.accumulate:
+                    continue  # accumulate gradients over more micro-batches
+                if self.gradient_clip_val:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.gradient_clip_val)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                batch_in_epoch += 1
+                scheduler.step_update(num_updates=step)
+
+                # bookkeeping stays on the device; one sync per log window, not per step
+                loss_detached = loss.detach()
+                epoch_loss += loss_detached * images.shape[0]
+                epoch_acc += batch_accuracy(logits.detach(), targets) * images.shape[0]
+                epoch_images += images.shape[0]
+                window_loss += loss_detached
+                window_steps += 1
+                if step % self.log_every_n_steps == 0 or batch_in_epoch == steps_per_epoch:
+                    mean_loss = (window_loss / window_steps).item()
+                    if not math.isfinite(mean_loss):
+                        raise FloatingPointError(f"training loss is {mean_loss} at step {step}: lower optimizer.lr "
+                                                 f"or set trainer.gradient_clip_val")
+                    images_per_s = window_steps * images.shape[0] * self.accumulate / (time.time() - window_start)
+                    lr = optimizer.param_groups[0]["lr"]
+                    logger.log({"train/loss_step": mean_loss, "lr": lr, "train/images_per_s": images_per_s},
+                               step=step, epoch=epoch)
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{(epoch_acc / max(epoch_images, 1)).item():.3f}",
+                                    img_s=f"{images_per_s:.0f}", lr=f"{lr:.2e}")
+                    window_loss.zero_()
+                    window_steps, window_start = 0, time.time()
+                bar.update(1)
+                if self.max_time is not None and time.time() - start_time > self.max_time:
+                    stopped_by_time = batch_in_epoch < steps_per_epoch
+                    break
+            bar.close()
+
+            epoch_done = not stopped_by_time
+            metrics = {"train/loss": (epoch_loss / max(epoch_images, 1)).item(),
+                       "train/acc": (epoch_acc / max(epoch_images, 1)).item()}
+            metrics.update(self.evaluate(raw_model if self.compile else model, data, "val", loss_fn))
+            if self.monitor not in metrics:
+                raise ValueError(f"trainer.monitor={self.monitor!r} is not a logged metric: pick one of {sorted(metrics)}")
+            logger.log(metrics, step=step, epoch=epoch)
+            print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                  + f"  ({time.time() - start_time:.0f}s)", flush=True)
+            if self.improved(metrics[self.monitor], best_value):
+                best_value, best_epoch = metrics[self.monitor], epoch
+                checkpoint("best.pt", epoch + epoch_done, 0)
+            if epoch_done:
+                epoch += 1
+                checkpoint("last.pt", epoch, 0)
+            else:
+                checkpoint("last.pt", epoch, batch_in_epoch)  # resume mid-epoch from here
+            logger.update_summary(best_value=best_value, best_epoch=best_epoch, epochs_completed=epoch, steps=step)
+            if self.max_time is not None and time.time() - start_time > self.max_time:
+                stopped_by_time = True
+        return FitResult(best_value, best_epoch, epoch, step, stopped_by_time)
