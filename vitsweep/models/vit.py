@@ -16,8 +16,8 @@ from timm.layers import DropPath
 from torch import nn
 
 from vitsweep.models.attention import MultiHeadAttention
-from vitsweep.models.pretrained import freeze, load_pretrained
 from vitsweep.models.pos_embed import LearnedPositionEmbedding
+from vitsweep.models.pretrained import freeze, load_pretrained
 
 
 def _pair(v) -> tuple[int, int]:

@@ -1,0 +1,163 @@
+"""Matplotlib figures of attention maps and attributions, laid over the input image.
+
+Figures are built with `matplotlib.figure.Figure` directly, not pyplot: no GUI backend, no global
+figure registry to leak from, safe in headless training jobs. `wandb.Image(fig)` logs them as they
+are; `save_figure` writes a PNG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from vitsweep.viz.attention import (
+    attention_rollout,
+    collect_attentions,
+    patch_attention_maps,
+    rollout_patch_map,
+)
+
+PANEL_INCHES = 2.2
+
+
+def image_to_rgb(image: torch.Tensor, rgb_bands: Sequence[int] | None = None,
+                 mean: Sequence[float] | float | None = None,
+                 std: Sequence[float] | float | None = None) -> np.ndarray:
+    """A displayable (H, W, 3) float array in [0, 1] from an image tensor (C, H, W).
+
+    `mean`/`std` undo the dataset normalization. `rgb_bands` picks the three bands shown as R, G, B
+    (default: the first three; a 1- or 2-band image shows band 0 in grey). Values already within
+    [0, 1] are shown as they are; otherwise each shown band is min-max stretched on its own, the only
+    view that works without knowing a sensor's range (multispectral reflectances, normalized data).
+    """
+    image = image.detach().float().cpu()
+    if image.dim() != 3:
+        raise ValueError(f"expected one image (C, H, W), got shape {tuple(image.shape)}")
+    channels = image.shape[0]
+    if mean is not None and std is not None:
+        mean_t = torch.as_tensor(mean, dtype=torch.float).reshape(-1, 1, 1)
+        std_t = torch.as_tensor(std, dtype=torch.float).reshape(-1, 1, 1)
+        image = image * std_t + mean_t
+    if rgb_bands is None:
+        rgb_bands = (0, 1, 2) if channels >= 3 else (0, 0, 0)
+    rgb_bands = tuple(int(b) for b in rgb_bands)
+    if len(rgb_bands) == 1:
+        rgb_bands = rgb_bands * 3
+    if len(rgb_bands) != 3 or not all(0 <= b < channels for b in rgb_bands):
+        raise ValueError(f"viz.rgb_bands={list(rgb_bands)} must be 3 band indices in 0..{channels - 1}")
+    rgb = image[list(rgb_bands)]  # (3, H, W)
+    if rgb.min() < 0 or rgb.max() > 1:
+        low = rgb.amin(dim=(1, 2), keepdim=True)
+        high = rgb.amax(dim=(1, 2), keepdim=True)
+        rgb = (rgb - low) / (high - low).clamp_min(1e-12)
+    return rgb.permute(1, 2, 0).clamp(0, 1).numpy()  # (H, W, 3)
+
+
+def upsample(heatmap: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A (h, w) map (patch grid or pixels) resized bilinearly to `size` (H, W)."""
+    heatmap = heatmap.detach().float().cpu()
+    if tuple(heatmap.shape) != tuple(size):
+        heatmap = F.interpolate(heatmap[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return heatmap.numpy()
+
+
+def draw_overlay(ax, rgb: np.ndarray, heatmap: torch.Tensor | None, title: str = "", alpha: float = 0.55):
+    """The image with `heatmap` (upsampled to it) on top. A map with negative values (signed
+    attributions) gets a diverging colormap centred on 0; a non-negative one a sequential map,
+    stretched to its own range so weak heads stay readable."""
+    ax.imshow(rgb, interpolation="nearest")
+    if heatmap is not None:
+        values = upsample(heatmap, rgb.shape[:2])
+        if values.min() < 0:
+            bound = max(float(np.abs(values).max()), 1e-12)
+            ax.imshow(values, cmap="bwr", vmin=-bound, vmax=bound, alpha=alpha)
+        else:
+            ax.imshow(values, cmap="inferno", vmin=float(values.min()), vmax=float(values.max()) + 1e-12, alpha=alpha)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def prediction_title(logits: torch.Tensor, label: int | None = None,
+                     class_names: Sequence[str] | None = None) -> str:
+    """'pred: cat (0.91) | true: dog' from one image's logits (num_classes,)."""
+    probs = logits.detach().float().softmax(dim=-1)
+    pred = int(probs.argmax())
+
+    def name(i: int) -> str:
+        return str(class_names[i]) if class_names is not None else str(i)
+
+    title = f"pred: {name(pred)} ({probs[pred]:.2f})"
+    if label is not None:
+        title += f" | true: {name(int(label))}"
+    return title
+
+
+def attention_figure(image: torch.Tensor, head_maps: torch.Tensor, rollout_map: torch.Tensor, title: str = "",
+                     layer_name: str = "", rgb_bands=None, mean=None, std=None) -> Figure:
+    """One image (C, H, W), its rollout map (gh, gw), the mean over heads and every head (nh, gh, gw)
+    of one layer, each overlaid on the image."""
+    rgb = image_to_rgb(image, rgb_bands, mean, std)
+    panels = [("input", None), ("rollout", rollout_map), (f"{layer_name} mean of heads", head_maps.mean(dim=0))]
+    panels += [(f"{layer_name} head {h}", head_maps[h]) for h in range(head_maps.shape[0])]
+    ncols = min(len(panels), 5)
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(PANEL_INCHES * ncols, PANEL_INCHES * nrows + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (panel_title, heatmap) in zip(axes, panels):
+        draw_overlay(ax, rgb, heatmap, panel_title)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def visualize_attention(model, image_tensor: torch.Tensor, label: int | None = None,
+                        class_names: Sequence[str] | None = None, layer: int = -1,
+                        rgb_bands: Sequence[int] | None = None, mean=None, std=None) -> Figure:
+    """What the ViT attends to for one image (C, H, W): every head of `layer` and the rollout
+    through all layers, over the image, with the predicted (and true) label in the title."""
+    if image_tensor.dim() == 4:
+        if image_tensor.shape[0] != 1:
+            raise ValueError(f"visualize_attention takes one image (C, H, W), got a batch {tuple(image_tensor.shape)}")
+        image_tensor = image_tensor[0]
+    device = next(model.parameters()).device
+    logits, attentions = collect_attentions(model, image_tensor[None].to(device))
+    depth = len(attentions)
+    layer_index = layer % depth
+    head_maps = patch_attention_maps([attentions[layer_index]], model.num_prefix_tokens, model.grid_size)
+    rollout = rollout_patch_map(attention_rollout(attentions), model.num_prefix_tokens, model.grid_size)
+    title = prediction_title(logits[0], label, class_names)
+    return attention_figure(image_tensor, head_maps[0, 0], rollout[0], title=title,
+                            layer_name=f"layer {layer_index + 1}/{depth}", rgb_bands=rgb_bands, mean=mean, std=std)
+
+
+def heatmaps_figure(images: torch.Tensor, heatmaps: dict[str, torch.Tensor], titles: Sequence[str] | None = None,
+                    rgb_bands=None, mean=None, std=None) -> Figure:
+    """A row per image (B, C, H, W): the input, then one overlay per method in `heatmaps`
+    (name -> (B, h, w), on the patch grid or in pixels). `titles` label the rows."""
+    names = list(heatmaps)
+    num_images = images.shape[0]
+    ncols = 1 + len(names)
+    fig = Figure(figsize=(PANEL_INCHES * ncols, PANEL_INCHES * num_images + 0.2), layout="constrained")
+    axes = fig.subplots(num_images, ncols, squeeze=False)
+    for row in range(num_images):
+        rgb = image_to_rgb(images[row], rgb_bands, mean, std)
+        draw_overlay(axes[row, 0], rgb, None, titles[row] if titles is not None else "input")
+        for col, name in enumerate(names, start=1):
+            draw_overlay(axes[row, col], rgb, heatmaps[name][row], name)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write `fig` as a PNG at `path` (parent folders made), then free its artists."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    fig.clear()  # a pyplot-free Figure has no window to close; clearing releases its memory
+    return path
