@@ -1,0 +1,55 @@
+"""Shared test helpers: run `python run.py` in a subprocess, fully offline, inside tmp dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a model that trains a step in well under a second
+TINY_MODEL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.mlp_dim=64"]
+TINY_RUN = ["data=synthetic", *TINY_MODEL, "trainer.max_epochs=1", "trainer.progress_bar=false"]
+
+
+def offline_env(tmp_path: Path) -> dict:
+    """Environment for a subprocess: W&B offline with every W&B folder inside tmp_path."""
+    env = dict(os.environ)
+    wandb_home = tmp_path / "wandb_home"
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[var] = str(wandb_home / var.lower())
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env.pop("WANDB_API_KEY", None)  # never reach the W&B server from a test
+    return env
+
+
+def run_cli(args: list[str], tmp_path: Path, multirun: bool = False, check: bool = True,
+            timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python run.py [-m] args` with its outputs under tmp_path/run (or tmp_path/sweep for -m)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    where = f"hydra.sweep.dir={tmp_path / 'sweep'}" if multirun else f"hydra.run.dir={tmp_path / 'run'}"
+    cmd = [sys.executable, str(ROOT / "run.py"), *(["-m"] if multirun else []), *args, where]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_summary(job_dir: Path) -> dict:
+    return json.loads((Path(job_dir) / "summary.json").read_text())
+
+
+def read_metrics(job_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(job_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """run_cli bound to this test's tmp_path."""
+    return lambda args, **kw: run_cli(args, tmp_path, **kw)
