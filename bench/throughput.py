@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
-from vitsweep.augment.basic import BasicAugment
+from vitsweep.augment import Compose
+from vitsweep.augment.geometric import Flips, RandomCrop
 from vitsweep.data.datamodule import DataModule
 from vitsweep.data.imagefolder import load_imagefolder
 from vitsweep.models import VisionTransformer
@@ -73,7 +74,7 @@ def pipeline_vitsweep(root: Path, cache_dir: Path, batch_size: int, device, max_
     splits = load_imagefolder(str(root), image_size=32, in_channels=3, cache_dir=str(cache_dir))
     decode_s = time.perf_counter() - start
     data = DataModule(splits, 32, 3, len(splits.class_names), batch_size=batch_size).to(device)
-    augment = BasicAugment().to(device)
+    augment = Compose(random_crop=RandomCrop(padding=4), flips=Flips(horizontal=0.5)).to(device)  # augment=basic
     start, n = time.perf_counter(), 0
     for i, (images, labels) in enumerate(data.train_batches(epoch=0, seed=0)):
         images, labels = augment(images, labels)

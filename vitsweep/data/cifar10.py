@@ -16,9 +16,9 @@ def load_cifar10(root: str, download: bool = True, val_fraction: float = 0.1, sp
     def split(train: bool) -> Split:
         try:
             ds = CIFAR10(str(root), train=train, download=download)
-        except Exception as err:  # offline: URLError / RuntimeError from torchvision
+        except (RuntimeError, OSError) as err:  # not there / corrupt, or offline (URLError is an OSError)
             raise FileNotFoundError(
-                f"data=cifar10: CIFAR-10 is not in data.root={root} and could not be downloaded "
+                f"data=cifar10: CIFAR-10 is not in data.source.root={root} and could not be downloaded "
                 f"({type(err).__name__}): put cifar-10-python.tar.gz or the extracted cifar-10-batches-py/ "
                 f"there, or train on a folder of images with data=imagefolder data.root=DIR"
             ) from None

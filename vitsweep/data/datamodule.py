@@ -1,23 +1,96 @@
-"""Batches straight from the in-memory uint8 tensors, on the training device.
+"""Batches straight from the in-memory tensors, on the training device.
 
-No DataLoader, no worker processes, no per-sample PIL work: each epoch is one seeded permutation,
-and a batch is an index into a tensor that already lives on the device. Conversion to float,
-augmentation (vitsweep.augment) and normalization all run batched where the model runs.
+No DataLoader, no worker processes, no per-sample PIL work: each epoch is one seeded permutation (or
+one seeded weighted draw, with data.balance_ratio), and a batch is an index into a tensor that already
+lives on the device. Conversion to float, cropping, augmentation (vitsweep.augment) and normalization
+all run batched where the model runs.
+
+The input data strategy (docs/parameters_data_strategy.md) lives here:
+- crop_size: the stored images keep image_size, the decode size; the model sees crop_size windows:
+  a random one per sample for training, the centre one for evaluation, or with eval_crop=tiled a grid
+  of windows covering the image, whose logits the trainer averages.
+- normalization: fixed (data.mean / data.std) or auto: the per-channel statistics of the training
+  split, computed once at start, before augmentation; checkpoints store them and eval mode reuses them.
+- balance_ratio: the share of balance_class in each training epoch, by weighted sampling with
+  replacement, still a function of (seed, epoch) only, so resume is exact.
+- label_granularity: image (one label per image) is the one built.
+- resize_to: every batch (after cropping, before augmentation) is resized on the device to this side,
+  e.g. 32 px CIFAR-10 to the 224 px a pretrained ViT-S/16 expects; the stored images stay small.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
+from vitsweep.augment.functional import random_crops
 from vitsweep.data.splits import Split, Splits
+
+NORMALIZATIONS = ("fixed", "auto")
+EVAL_CROPS = ("center", "tiled")
+LABEL_GRANULARITIES = ("image",)  # patch and pixel labels come with the task-objective options
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """Stored batch -> float32: integer images scaled by their dtype's maximum into [0, 1] (uint8 / 255,
+    uint16 / 65535), float arrays as stored."""
+    if images.is_floating_point():
+        return images.float()
+    return images.float().div_(torch.iinfo(images.dtype).max)
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of to_float(images) (N, C, H, W) over every pixel, in float64 chunks."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        x = to_float(images[start:start + chunk]).double()
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-6)  # a constant band stays finite
+    return mean.tolist(), std.tolist()
+
+
+def tile_offsets(image_size: int, crop_size: int) -> list[int]:
+    """Window offsets along one side for eval_crop=tiled: as few windows as cover the side, evenly spread."""
+    n = math.ceil(image_size / crop_size)
+    if n == 1:
+        return [0]
+    return [round(i * (image_size - crop_size) / (n - 1)) for i in range(n)]
+
+
+def members_of(labels: torch.Tensor, class_index: int) -> torch.Tensor:
+    """(N,) bool: samples labelled class_index (single-label) or carrying it (multi-hot (N, K))."""
+    return labels == class_index if labels.dim() == 1 else labels[:, class_index] > 0.5
+
+
+def trained_normalization(checkpoint: dict) -> dict:
+    """DataModule arguments that make eval mode normalize with the statistics the checkpoint's run
+    computed (data.normalization=auto), instead of recomputing them on whatever data eval reads."""
+    data_cfg = (checkpoint.get("config") or {}).get("data") or {}
+    if data_cfg.get("normalization") != "auto":
+        return {}
+    return {"normalization": "fixed", "mean": data_cfg["mean"], "std": data_cfg["std"]}
 
 
 class DataModule:
     def __init__(self, source: Splits, image_size: int, in_channels: int, num_classes: int,
                  batch_size: int = 128, eval_batch_size: int = 512,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 normalization: str = "fixed", crop_size: int | None = None, eval_crop: str = "center",
+                 balance_ratio: float | None = None, balance_class: int | str | None = None,
+                 label_granularity: str = "image", root: str | None = None, channels_last: bool | None = None,
+                 resize_to: int | None = None):
+        # root and channels_last are read by `source` (as ${..root}): they sit at the top of data/*.yaml
+        # because that is where users set them, and the DataModule itself has no use for them
+        if label_granularity not in LABEL_GRANULARITIES:
+            raise ValueError(f"data.label_granularity={label_granularity} is not built yet: only image (one label "
+                             f"per image) is; patch- and pixel-level labels come with the task-objective options")
         self.splits, self.class_names = source, source.class_names
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -31,19 +104,66 @@ class DataModule:
         if len(self.class_names) and len(self.class_names) != num_classes:
             raise ValueError(f"data.num_classes={num_classes} but the data has {len(self.class_names)} classes "
                              f"({', '.join(self.class_names[:5])}...): set data.num_classes={len(self.class_names)}")
+
+        self.crop_size = image_size if crop_size is None else crop_size
+        if not 0 < self.crop_size <= image_size:
+            raise ValueError(f"data.crop_size={crop_size} must be in [1, data.image_size={image_size}]: crops are "
+                             f"cut from the images as decoded; raise data.image_size to crop from larger images")
+        if eval_crop not in EVAL_CROPS:
+            raise ValueError(f"data.eval_crop={eval_crop} is not one of: {', '.join(EVAL_CROPS)}")
+        self.center_offset = (image_size - self.crop_size) // 2
+        self.eval_offsets = (tile_offsets(image_size, self.crop_size) if eval_crop == "tiled"
+                             else [self.center_offset])
+        self.eval_views = len(self.eval_offsets) ** 2  # windows per image in the trainer's evaluation
+        if resize_to is not None and resize_to < 1:
+            raise ValueError(f"data.resize_to={resize_to} must be a side in pixels (e.g. 224), or null")
+        self.resize_to = resize_to  # batches are resized on the device to this side (pretrained models' input size)
+
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"data.normalization={normalization} is not one of: {', '.join(NORMALIZATIONS)}")
+        if normalization == "auto":  # from the stored training images: after decode, before augmentation
+            mean, std = channel_stats(train.images)
         self.mean = torch.tensor(mean if mean is not None else [0.5] * in_channels).view(1, -1, 1, 1)
         self.std = torch.tensor(std if std is not None else [0.5] * in_channels).view(1, -1, 1, 1)
         if self.mean.numel() != in_channels or self.std.numel() != in_channels:
             raise ValueError(f"data.mean/data.std need {in_channels} values (one per channel), "
-                             f"got {self.mean.numel()} and {self.std.numel()}")
+                             f"got {self.mean.numel()} and {self.std.numel()}: or set data.normalization=auto")
+
+        self.sample_weights = None  # (N,) float64 on the CPU, for the seeded draw of each epoch
+        if balance_ratio is not None:
+            self.sample_weights = self.balance_weights(balance_ratio, balance_class)
         self.device = torch.device("cpu")
 
-    def to(self, device: torch.device) -> "DataModule":
+    def balance_weights(self, ratio: float, balance_class: int | str | None) -> torch.Tensor:
+        """Per-sample weights under which `balance_class` makes up `ratio` of the draws."""
+        if not 0 < ratio < 1:
+            raise ValueError(f"data.balance_ratio={ratio} is the share of data.balance_class in each training "
+                             f"epoch: use a value in (0, 1), or null for the natural share")
+        if balance_class is None:
+            raise ValueError(f"data.balance_ratio={ratio} needs data.balance_class: the class index or name whose "
+                             f"share it sets, e.g. data.balance_class=1")
+        names = list(self.class_names)
+        if isinstance(balance_class, str) and balance_class in names:
+            index = names.index(balance_class)
+        elif isinstance(balance_class, int) and 0 <= balance_class < self.num_classes:
+            index = balance_class
+        else:
+            raise ValueError(f"data.balance_class={balance_class} is not a class index in [0, {self.num_classes}) "
+                             f"nor a class name ({', '.join(names[:10])})")
+        members = members_of(self.splits.train.labels, index).cpu()
+        count = int(members.sum())
+        if count in (0, len(members)):
+            raise ValueError(f"data.balance_class={balance_class}: {count} of the {len(members)} training samples are "
+                             f"in it, so no weighting can make its share {ratio}: pick a class with and without members")
+        return torch.where(members, ratio / count, (1 - ratio) / (len(members) - count)).double()
+
+    def to(self, device: torch.device) -> DataModule:
         """Move every split to the device once (CIFAR-10 as uint8 is 180 MB)."""
         self.device = torch.device(device)
         for name in ("train", "val", "test"):
             split = getattr(self.splits, name)
-            setattr(self.splits, name, Split(split.images.to(self.device), split.labels.to(self.device)))
+            metadata = split.metadata.to(self.device) if split.metadata is not None else None
+            setattr(self.splits, name, Split(split.images.to(self.device), split.labels.to(self.device), metadata))
         self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
         return self
 
@@ -51,27 +171,63 @@ class DataModule:
         return getattr(self.splits, name)
 
     def to_float(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw batch -> float in [0, 1] (uint8 photos) or as stored (float arrays)."""
-        return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        return to_float(images)
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Float batch (B, C, h, w) -> (B, C, resize_to, resize_to), bicubic (antialiased when shrinking);
+        unchanged when resize_to is null. Runs on the device, batched: 32 px CIFAR to 224 px for a ViT-S/16."""
+        if self.resize_to is None or tuple(images.shape[-2:]) == (self.resize_to, self.resize_to):
+            return images
+        shrinking = self.resize_to < max(images.shape[-2:])
+        return F.interpolate(images, size=(self.resize_to, self.resize_to), mode="bicubic", align_corners=False,
+                             antialias=shrinking)  # not clamped: float arrays (reflectances) keep their range
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
 
+    def normalization_stats(self) -> dict[str, list[float]]:
+        """The per-channel mean and std in use (the computed ones with normalization=auto)."""
+        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
     def steps_per_epoch(self) -> int:
         return len(self.splits.train) // self.batch_size  # drop_last, so every step has a full batch
 
+    def epoch_order(self, epoch: int, seed: int) -> torch.Tensor:
+        """The training sample indices of an epoch: a function of (seed, epoch) only."""
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        n = len(self.splits.train)
+        if self.sample_weights is None:
+            return torch.randperm(n, generator=generator)
+        return torch.multinomial(self.sample_weights, n, replacement=True, generator=generator)
+
     def train_batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled (images in [0, 1], labels) batches; the order depends only on (seed, epoch), so a
-        resumed run sees the same batches. `skip` drops the first batches (mid-epoch resume)."""
+        resumed run sees the same batches. `skip` drops the first batches (mid-epoch resume). Crop
+        positions come from the global RNG, which the trainer seeds per epoch and checkpoints mid-epoch."""
         train = self.splits.train
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(train), generator=generator).to(self.device)
+        order = self.epoch_order(epoch, seed).to(self.device)
         for step in range(skip, self.steps_per_epoch()):
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
-            yield self.to_float(train.images[index]), train.labels[index]
+            images = train.images[index]
+            if self.crop_size < self.image_size:
+                images = random_crops(images, self.crop_size)  # on the stored dtype: fewer bytes to move
+            yield self.resize(self.to_float(images)), train.labels[index]
 
-    def eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_windows(self, images: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+        """(B, C, S, S) -> (B * len(offsets)**2, C, crop, crop): each image's windows, consecutive."""
+        if self.crop_size == self.image_size:
+            return images
+        size = self.crop_size
+        windows = [images[..., top:top + size, left:left + size] for top in offsets for left in offsets]
+        return torch.stack(windows, dim=1).flatten(0, 1)
+
+    def eval_batches(self, split: str, all_views: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images in [0, 1], labels) of a split, in order: one input per label, the centre window when
+        cropping. all_views (the trainer's evaluation): every window of data.eval_crop per image,
+        consecutive, (B * eval_views, C, crop, crop); the trainer averages each image's logits over them."""
         data = self.split(split)
-        for start in range(0, len(data), self.eval_batch_size):
-            end = start + self.eval_batch_size
-            yield self.to_float(data.images[start:end]), data.labels[start:end]
+        offsets = self.eval_offsets if all_views else [self.center_offset]
+        per_batch = max(1, self.eval_batch_size // len(offsets) ** 2)
+        for start in range(0, len(data), per_batch):
+            images = self.eval_windows(data.images[start:start + per_batch], offsets)
+            yield self.resize(self.to_float(images)), data.labels[start:start + per_batch]

@@ -11,12 +11,14 @@ import torch
 class Split:
     images: torch.Tensor  # (N, C, H, W), uint8 for photos; float32/uint16 for multispectral arrays
     labels: torch.Tensor  # (N,) int64 class indices, or (N, K) float multi-hot for multi-label
+    metadata: torch.Tensor | None = None  # (N, M) float32 extra numeric inputs per sample (data=csv), or None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def subset(self, index: torch.Tensor) -> "Split":
-        return Split(self.images[index], self.labels[index])
+    def subset(self, index: torch.Tensor) -> Split:
+        metadata = None if self.metadata is None else self.metadata[index]
+        return Split(self.images[index], self.labels[index], metadata)
 
 
 @dataclass

@@ -1,0 +1,68 @@
+"""Geometric ops: random crop with padding, flips, rotation. One random draw per sample."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitsweep.augment.functional import (
+    chosen,
+    probability,
+    random_crops,
+    random_flip,
+    rotate,
+    select,
+    uniform,
+)
+
+
+class RandomCrop(nn.Module):
+    """Zero-pad by `padding` pixels, then cut a window of the original size at a random position per
+    sample (the CIFAR recipe). padding 0: unchanged."""
+
+    def __init__(self, padding: int = 4):
+        super().__init__()
+        if padding < 0:
+            raise ValueError(f"augment.random_crop.padding={padding} must be >= 0")
+        self.padding = padding
+
+    def forward(self, images, targets):
+        if self.padding == 0:
+            return images, targets
+        size = images.shape[-1]
+        padded = F.pad(images, (self.padding,) * 4)
+        return random_crops(padded, size), targets
+
+
+class Flips(nn.Module):
+    """Mirror each sample left-right with probability `horizontal`, and upside-down with `vertical`
+    (aerial and microscopy images have no "up")."""
+
+    def __init__(self, horizontal: float = 0.5, vertical: float = 0.0):
+        super().__init__()
+        self.horizontal = probability("augment.flips.horizontal", horizontal)
+        self.vertical = probability("augment.flips.vertical", vertical)
+
+    def forward(self, images, targets):
+        if self.horizontal > 0:
+            images = random_flip(images, self.horizontal, dim=-1)
+        if self.vertical > 0:
+            images = random_flip(images, self.vertical, dim=-2)
+        return images, targets
+
+
+class Rotation(nn.Module):
+    """Rotate each sample (with probability p) by its own angle drawn from [-degrees, degrees], about
+    the centre, bilinear, corners filled with `fill`."""
+
+    def __init__(self, degrees: float = 15.0, p: float = 1.0, fill: float = 0.0):
+        super().__init__()
+        if degrees < 0:
+            raise ValueError(f"augment.rotation.degrees={degrees} must be >= 0 (angles are drawn from ±degrees)")
+        self.degrees, self.p, self.fill = degrees, probability("augment.rotation.p", p), fill
+
+    def forward(self, images: torch.Tensor, targets):
+        B = images.shape[0]
+        rotated = rotate(images, uniform(-self.degrees, self.degrees, B, images.device), self.fill)
+        return select(chosen(self.p, B, images.device), rotated, images), targets
