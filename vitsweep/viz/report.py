@@ -1,0 +1,133 @@
+"""The figures a run writes about its model: for a few images, what each head of one layer attends
+to and the attention rollout (`visualize_attention`, one PNG per image), and why it decides (the
+`explain` methods, one PNG for all of them). Used at the end of training and by mode=visualize.
+
+The config group `viz` builds a `FigureReport`; a bad option fails when it is built, before any
+training starts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vitsweep.explain import EXPLAINERS, explanation_figure
+from vitsweep.viz.figures import save_figure, visualize_attention
+
+SPLITS = ("train", "val", "test")
+
+
+class FigureReport:
+    def __init__(self, enabled_at_end: bool = True, num_images: int = 8, split: str = "val",
+                 images: Sequence[str] | None = None, layer: int = -1, rgb_bands: Sequence[int] | None = None,
+                 explain: Sequence[str] = ("rollout", "ig", "gradcam")):
+        if isinstance(explain, str):
+            explain = [explain]
+        unknown = [name for name in explain if name not in EXPLAINERS]
+        if unknown:
+            raise ValueError(f"viz.explain={list(explain)}: unknown method(s) {', '.join(map(str, unknown))}; "
+                             f"pick from {', '.join(EXPLAINERS)} (e.g. viz.explain=[rollout,ig,gradcam])")
+        if split not in SPLITS:
+            raise ValueError(f"viz.split={split!r} is not one of: {', '.join(SPLITS)}")
+        if num_images < 1:
+            raise ValueError(f"viz.num_images={num_images} must be >= 1 (viz.enabled_at_end=false skips the figures)")
+        if rgb_bands is not None and len(rgb_bands) != 3:
+            raise ValueError(f"viz.rgb_bands={list(rgb_bands)} must be 3 band indices [r, g, b], or null")
+        self.enabled_at_end, self.num_images, self.split = enabled_at_end, num_images, split
+        self.image_paths = [str(path) for path in images] if images else None
+        self.layer, self.explain = layer, list(explain)
+        self.rgb_bands = list(rgb_bands) if rgb_bands is not None else None
+
+    def check(self, model) -> None:
+        """Fail now, not after training, when an option does not fit the model: the layer, the
+        bands, image files for a model that takes other than 1 or 3 bands, a missing file."""
+        depth, in_channels = len(model.blocks), model.patch_embed.proj.in_channels
+        if not -depth <= self.layer < depth:
+            raise ValueError(f"viz.layer={self.layer} is out of range for a {depth}-layer model: "
+                             f"pick one in {-depth}..{depth - 1}")
+        if self.rgb_bands is not None and not all(0 <= band < in_channels for band in self.rgb_bands):
+            raise ValueError(f"viz.rgb_bands={self.rgb_bands} must be band indices in 0..{in_channels - 1}")
+        for path in self.image_paths or []:
+            image_file(path, in_channels)
+
+    # ------------------------------------------------------------------------------- the images
+
+    def inputs(self, data, image_size) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        """The normalized model inputs (B, C, H, W) on the data's device, their labels (None for
+        image files) and a short name for each: `viz.images` when set, else the first `num_images`
+        of `viz.split`, through the data's own eval path (conversion, resizing)."""
+        if self.image_paths:
+            images = torch.stack([read_image_file(path, data.in_channels, image_size) for path in self.image_paths])
+            names = [re.sub(r"[^\w-]", "_", Path(path).stem)[:40] for path in self.image_paths]
+            return data.normalize(images.to(data.device)), None, names
+        images, labels = next(iter(data.eval_batches(self.split)))  # a fixed set: the split's first images
+        images = images[::data.eval_views]  # data.eval_crop=tiled: each image's first window
+        images, labels = images[:self.num_images], labels[:self.num_images]
+        return data.normalize(images), labels, [f"{self.split}{i}" for i in range(images.shape[0])]
+
+    # ------------------------------------------------------------------------------ the figures
+
+    def write(self, model, images: torch.Tensor, labels: torch.Tensor | None, class_names: Sequence[str] | None,
+              out_dir: Path, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+              names: Sequence[str] | None = None) -> dict[str, Path]:
+        """Write `attention_<i>_<name>.png` per image and `explanations.png` for the batch under
+        `out_dir`; returns {logger key: PNG path}. `images` are normalized model inputs; `mean`/`std`
+        undo that normalization for display."""
+        self.check(model)
+        out_dir = Path(out_dir)
+        class_names = list(class_names) if class_names else None
+        if labels is not None and labels.dim() != 1:
+            labels = None  # multi-hot labels: the titles show the prediction only
+        names = list(names) if names is not None else [str(i) for i in range(images.shape[0])]
+        style = {"rgb_bands": self.rgb_bands, "mean": mean, "std": std}
+        figures = {}
+        for i, name in enumerate(names):
+            label = None if labels is None else int(labels[i])
+            figure = visualize_attention(model, images[i], label=label, class_names=class_names, layer=self.layer,
+                                         **style)
+            figures[f"viz/attention_{i:02d}"] = save_figure(figure, out_dir / f"attention_{i:02d}_{name}.png")
+        if self.explain:
+            figure = explanation_figure(model, images, methods=self.explain, labels=labels, class_names=class_names,
+                                        **style)
+            figures["viz/explanations"] = save_figure(figure, out_dir / "explanations.png")
+        return figures
+
+    def write_for(self, model, data, image_size, out_dir: Path) -> dict[str, Path]:
+        """`inputs` then `write`: the figures of `model` for this report's images of `data`."""
+        images, labels, names = self.inputs(data, image_size)
+        mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
+        return self.write(model, images, labels, data.class_names, out_dir, mean=mean, std=std, names=names)
+
+
+def image_file(path: str, in_channels: int) -> Path:
+    """The absolute path of a `viz.images` entry (relative ones are the user's, whatever the job
+    dir), checked to exist and to be decodable to `in_channels` bands."""
+    from hydra.utils import to_absolute_path
+
+    if in_channels not in (1, 3):
+        raise ValueError(f"viz.images: image files give 1 or 3 channels but data.in_channels={in_channels}: "
+                         f"drop viz.images to show the first viz.num_images of viz.split instead")
+    file = Path(to_absolute_path(str(Path(path).expanduser())))
+    if not file.is_file():
+        raise FileNotFoundError(f"viz.images: no such file {path} ({file}): pass paths of image files")
+    return file
+
+
+def read_image_file(path: str, in_channels: int, image_size) -> torch.Tensor:
+    """One image file (PNG, JPEG, ...) as float (C, H, W) in [0, 1], with the data's channel count
+    (1: grey, 3: RGB) and resized (bilinear, antialiased) to the model's `image_size` (int or [h, w])."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    file = image_file(path, in_channels)
+    try:
+        image = decode_image(str(file), mode=ImageReadMode.GRAY if in_channels == 1 else ImageReadMode.RGB)
+    except RuntimeError as err:
+        raise ValueError(f"viz.images: {path} is not a readable image ({err}): pass PNG or JPEG files") from None
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    resized = F.interpolate(image[None].float().div(255), size=size, mode="bilinear", antialias=True,
+                            align_corners=False)
+    return resized[0].clamp(0, 1)  # (C, H, W)
