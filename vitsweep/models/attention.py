@@ -8,11 +8,19 @@ is right for the ablation sizes this harness targets (N <= a few hundred tokens)
 
 Prefix tokens (the cls token) are global in every pattern: they attend to every token and every
 token attends to them, as in Longformer's global tokens. That keeps the cls summary meaningful
-when patch tokens only see their neighbourhood.
+when patch tokens only see their neighbourhood. Per pattern, a patch token attends to:
+
+    full       every token
+    local      the kernel_size x kernel_size patches centred on it, and cls
+    windowed   the patches of its window (shifted by half a window on odd layers), and cls
+    sparse     axial: its grid row and column; strided: see SparseAttention; and cls
+
+So within one layer a patch's output depends only on its pattern and the cls token's input; from
+the second layer on, information that cls gathered globally reaches every patch. With
+model.pooling=mean there is no prefix token and the masks hold over patches alone.
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +111,11 @@ class LocalAttention(MultiHeadAttention):
 
 class WindowedAttention(MultiHeadAttention):
     """Non-overlapping `window_size` x `window_size` windows (Swin). With `shift=True`, odd layers
-    move the window grid by half a window so information crosses window borders; the shifted
-    windows are cut at the image border (Swin's masked cyclic shift, without the roll)."""
+    move the window grid by half a window so information crosses window borders: window borders
+    fall at rows/columns `shift + k * window_size` with shift = window_size // 2, and the windows cut
+    by the image border stay separate regions. That is exactly Swin's cyclic shift with its mask,
+    written as a mask instead of a roll. A grid that `window_size` does not divide gets a smaller
+    last window."""
 
     def __init__(self, *args, window_size: int = 4, shift: bool = True, **kwargs):
         if window_size < 1:
@@ -115,8 +126,9 @@ class WindowedAttention(MultiHeadAttention):
     def pattern(self, grid_h, grid_w):
         rows, cols = _grid_coords(grid_h, grid_w)
         offset = self.window_size // 2 if (self.shift and self.layer_idx % 2 == 1) else 0
-        win_r = torch.div(rows + offset, self.window_size, rounding_mode="floor")
-        win_c = torch.div(cols + offset, self.window_size, rounding_mode="floor")
+        # rows before the first shifted border form their own region (floor division gives -1)
+        win_r = torch.div(rows - offset, self.window_size, rounding_mode="floor")
+        win_c = torch.div(cols - offset, self.window_size, rounding_mode="floor")
         return (win_r[:, None] == win_r[None, :]) & (win_c[:, None] == win_c[None, :])
 
 
@@ -125,14 +137,18 @@ class SparseAttention(MultiHeadAttention):
 
     - `axial`: a patch attends to its own row and column of the grid (Axial / CCNet style):
       two layers connect every pair of patches.
-    - `strided`: a patch attends to patches whose flat index is congruent to its own modulo
-      `stride`, plus its `stride` nearest predecessors and successors (Child et al., 2019).
+    - `strided`: a patch attends to the patches less than `stride` positions from it in the flat
+      (row-major) order, plus every patch whose flat index is congruent to its own modulo `stride`
+      (Child et al., 2019, made bidirectional): two layers connect every pair of patches.
     """
 
-    def __init__(self, *args, pattern: str = "axial", stride: int = 4, **kwargs):
+    def __init__(self, *args, pattern: str = "axial", stride: int | None = None, **kwargs):
         if pattern not in ("axial", "strided"):
             raise ValueError(f"model.attention.pattern={pattern!r} is not one of: axial, strided")
-        if stride < 1:
+        if pattern == "axial" and stride is not None:
+            raise ValueError(f"model.attention.stride={stride} applies to pattern=strided only: "
+                             f"drop it or set model.attention.pattern=strided")
+        if stride is not None and stride < 1:
             raise ValueError(f"model.attention.stride={stride} must be >= 1")
         self.sparse_pattern, self.stride = pattern, stride
         super().__init__(*args, **kwargs)
@@ -141,7 +157,9 @@ class SparseAttention(MultiHeadAttention):
         if self.sparse_pattern == "axial":
             rows, cols = _grid_coords(grid_h, grid_w)
             return (rows[:, None] == rows[None, :]) | (cols[:, None] == cols[None, :])
-        idx = torch.arange(grid_h * grid_w)
-        near = (idx[:, None] - idx[None, :]).abs() < self.stride
-        same_lane = (idx[:, None] % self.stride) == (idx[None, :] % self.stride)
+        num_patches = grid_h * grid_w
+        stride = self.stride or max(1, round(num_patches**0.5))  # sqrt(n): O(n sqrt n) attended pairs
+        idx = torch.arange(num_patches)
+        near = (idx[:, None] - idx[None, :]).abs() < stride
+        same_lane = (idx[:, None] % stride) == (idx[None, :] % stride)
         return near | same_lane

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from omegaconf import ListConfig
 from timm.optim import create_optimizer_v2
 from torch import nn
 
@@ -12,4 +13,9 @@ def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, wei
     """`name` is any timm optimizer name (adamw, sgd, lamb, ...); `kwargs` go to it (betas, momentum...)."""
     if lr <= 0:
         raise ValueError(f"optimizer.lr={lr} must be > 0")
+    if weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
+    # config lists (betas) arrive as omegaconf ListConfig; some optimizers (timm's Lamb) keep them as
+    # given, and the checkpoint's optimizer state must hold plain types to load with weights_only=True
+    kwargs = {key: tuple(value) if isinstance(value, ListConfig | list) else value for key, value in kwargs.items()}
     return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)

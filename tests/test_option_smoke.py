@@ -1,0 +1,186 @@
+"""Every model / training / loss / metrics option trains through `python run.py`.
+
+All options run as ONE multirun (one process start): each option is a small `# @package _global_`
+file written into a test-only config group `smoke`, found through `hydra.searchpath`, and the sweep
+is `+smoke=<every option>`. Each parametrized test then reads its own job's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_RUN, read_metrics, read_summary, run_cli
+from omegaconf import OmegaConf
+
+# option -> its config (merged at the root, after everything else)
+OPTIONS = {
+    "defaults": {},
+    "attention_local": {"defaults": [{"override /model/attention": "local"}]},
+    "attention_windowed": {"defaults": [{"override /model/attention": "windowed"}],
+                           "model": {"depth": 2, "attention": {"window_size": 2}}},  # both shifts
+    "attention_sparse_axial": {"defaults": [{"override /model/attention": "sparse"}]},
+    "attention_sparse_strided": {"defaults": [{"override /model/attention": "sparse"}],
+                                 "model": {"attention": {"pattern": "strided", "stride": 3}}},
+    "norm_batchnorm": {"defaults": [{"override /model/norm": "batchnorm"}]},
+    "norm_rmsnorm": {"defaults": [{"override /model/norm": "rmsnorm"}]},
+    "norm_placement_post": {"model": {"norm_placement": "post"}},
+    "pooling_mean": {"model": {"pooling": "mean"}},
+    "pos_embed_sincos": {"defaults": [{"override /model/pos_embed": "sincos"}]},
+    "pos_embed_none": {"defaults": [{"override /model/pos_embed": "none"}]},
+    "dropouts": {"model": {"dropout": 0.1, "attention_dropout": 0.1, "drop_path": 0.1}},
+    "image_patch_channels": {"data": {"image_size": 24, "in_channels": 5}, "model": {"patch_size": 8}},
+    "optimizer_sgd": {"defaults": [{"override /optimizer": "sgd"}]},
+    "optimizer_lamb": {"defaults": [{"override /optimizer": "lamb"}]},
+    "lr_weight_decay": {"optimizer": {"lr": 5.0e-4, "weight_decay": 0.0}},
+    "scheduler_constant": {"defaults": [{"override /scheduler": "constant"}]},
+    "scheduler_step": {"defaults": [{"override /scheduler": "step"}], "scheduler": {"decay_epochs": 0.5}},
+    "scheduler_onecycle": {"defaults": [{"override /scheduler": "onecycle"}]},
+    "gradient_clip_off": {"trainer": {"gradient_clip_val": None}},
+    "batch_size_epochs": {"data": {"batch_size": 64}, "trainer": {"max_epochs": 2}},
+    "ema": {"trainer": {"ema_decay": 0.9}},
+    "loss_focal": {"defaults": [{"override /loss": "focal"}]},
+    "loss_bce": {"defaults": [{"override /loss": "bce"}]},
+    "label_smoothing": {"loss": {"label_smoothing": 0.1}},
+    "class_weights_balanced": {"loss": {"class_weights": "balanced"}},
+    "class_weights_list": {"loss": {"class_weights": [1.0, 2.0, 1.0, 0.5]}},
+    "multi_label_bce": {"defaults": [{"override /loss": "bce"}], "multi_label": True},
+    "multi_label_focal": {"defaults": [{"override /loss": "focal"}], "multi_label": True, "loss": {"alpha": 0.25}},
+    "metrics_subset": {"metrics": {"names": ["accuracy", "f1"], "per_class": False}},
+    # bad input: the job fails with its one-line reason, before any training step
+    "bad_metric_name": {"metrics": {"names": ["accuracy", "auc"]}},
+    "bad_class_weights": {"loss": {"class_weights": [1.0, 2.0]}},
+}
+EXPECTED_FAILURES = {
+    "bad_metric_name": "metrics.names has unknown auc: valid names are accuracy, top5, auroc, precision, recall, f1",
+    "bad_class_weights": "loss.class_weights has 2 values but data.num_classes=4",
+}
+BASE = {"trainer": {"max_epochs": 1}}  # under every option
+EMBED = 32  # TINY_MODEL's embed_dim
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> dict[str, Path]:
+    """Run every option in one multirun; returns option name -> job dir."""
+    tmp_path = tmp_path_factory.mktemp("option_smoke")
+    group_dir = tmp_path / "smoke_conf" / "smoke"
+    group_dir.mkdir(parents=True)
+    for name, body in OPTIONS.items():
+        body = OmegaConf.to_container(OmegaConf.merge(BASE, body))
+        (group_dir / f"{name}.yaml").write_text("# @package _global_\n" + yaml.safe_dump(body))
+    # command-line values beat the files, so what an option may change lives in BASE, not on the line
+    tiny_run = [arg for arg in TINY_RUN if arg.split("=")[0] not in ("trainer.max_epochs",)]
+    run_cli([f"hydra.searchpath=[file://{tmp_path / 'smoke_conf'}]", f"+smoke={','.join(OPTIONS)}", *tiny_run,
+             "logger=none", "trainer.log_every_n_steps=1"], tmp_path, multirun=True)
+    jobs = {}
+    for summary_path in (tmp_path / "sweep").glob("*/summary.json"):
+        overrides = json.loads(summary_path.read_text())["overrides"]
+        jobs[next(o.split("=", 1)[1] for o in overrides if o.startswith("+smoke="))] = summary_path.parent
+    return jobs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", [name for name in OPTIONS if name not in EXPECTED_FAILURES])
+def test_option_trains_through_run_py(sweep, option):
+    job_dir = sweep[option]
+    summary = read_summary(job_dir)
+    assert summary["status"] == "completed", summary["error"]
+    assert summary["steps"] > 0 and (job_dir / "checkpoints" / "last.pt").is_file()
+    train_losses = [row["train/loss"] for row in read_metrics(job_dir) if "train/loss" in row]
+    assert train_losses and all(math.isfinite(loss) for loss in train_losses)
+    metrics = summary["metrics"]
+    multi_label = option.startswith("multi_label")
+    assert {"test/loss", "test/acc", "val/acc"} <= set(metrics)
+    # the confusion matrix is drawn for single-label runs
+    assert (job_dir / "confusion_matrix.png").is_file() != multi_label
+    if option in CHECKS:
+        CHECKS[option](sweep, summary)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", list(EXPECTED_FAILURES))
+def test_bad_option_fails_before_training(sweep, option):
+    summary = read_summary(sweep[option])
+    assert summary["status"] == "failed"
+    assert EXPECTED_FAILURES[option] in summary["error"]
+    assert not (sweep[option] / "checkpoints").exists()
+
+
+# ---------------------------------------------------------- what else each option's job must show
+
+def params_vs_defaults(delta: int):
+    """num_params moves exactly as the option says (TINY_MODEL: depth 1, so norm1, norm2, final norm)."""
+    def check(jobs, summary):
+        assert summary["num_params"] - read_summary(jobs["defaults"])["num_params"] == delta
+    return check
+
+
+def lr_first_and_last(first: float, last: float):
+    """The lr logged after the first and the last of the 8 steps (optimizer.lr 1e-3 unless set)."""
+    def check(jobs, summary):
+        trajectory = [row["lr"] for row in read_metrics(Path(summary["job_dir"])) if "lr" in row]
+        assert len(trajectory) == 8
+        assert trajectory[0] == pytest.approx(first, rel=1e-4) and trajectory[-1] == pytest.approx(last, rel=1e-4)
+    return check
+
+
+def multi_label_metrics(jobs, summary):
+    assert "val/acc_top5" not in summary["metrics"] and "val/auroc/class_3" in summary["metrics"]
+
+
+def ema_in_checkpoint(jobs, summary):
+    last = torch.load(Path(summary["job_dir"]) / "checkpoints" / "last.pt", weights_only=True)
+    assert not torch.equal(last["model"]["head.weight"], last["raw_model"]["head.weight"])
+
+
+def steps_and_epochs(jobs, summary):
+    assert (summary["steps"], summary["epochs_completed"]) == (2 * (256 // 64), 2)
+
+
+def only_the_named_metrics(jobs, summary):
+    assert set(summary["metrics"]) == {f"{split}/{key}" for split in ("val", "test") for key in ("loss", "acc", "f1")}
+
+
+def warmup_then(lr: float):  # 1-epoch warmup over the 8 steps from 1e-6, ending at the optimizer's lr
+    return lr_first_and_last(1e-6 + (lr - 1e-6) / 8, lr)
+
+
+CHECKS = {
+    "norm_rmsnorm": params_vs_defaults(-3 * EMBED),  # RMSNorm has no bias
+    "norm_batchnorm": params_vs_defaults(0),  # the same affine weight and bias as LayerNorm
+    "pooling_mean": params_vs_defaults(-2 * EMBED),  # no cls token, no position for it
+    "pos_embed_sincos": params_vs_defaults(-17 * EMBED),  # fixed: a buffer, not parameters
+    "pos_embed_none": params_vs_defaults(-17 * EMBED),
+    # 8x8 patches of 5 bands instead of 4x4 of 3; a 3x3 grid (+cls) of positions instead of 4x4 (+cls)
+    "image_patch_channels": params_vs_defaults(EMBED * (8 * 8 * 5 - 4 * 4 * 3) + EMBED * (10 - 17)),
+    "defaults": warmup_then(1e-3),  # cosine's 1-epoch warmup is all of this 1-epoch run
+    "optimizer_sgd": warmup_then(0.05),
+    "optimizer_lamb": warmup_then(2e-3),
+    "lr_weight_decay": warmup_then(5e-4),
+    "scheduler_constant": lr_first_and_last(1e-3, 1e-3),
+    "scheduler_step": lr_first_and_last(1e-3, 1e-3 * 0.1 ** 2),  # decay_epochs 0.5: every 4 steps
+    "scheduler_onecycle": lr_first_and_last(
+        1e-3 / 25 + (1e-3 - 1e-3 / 25) * 0.5 * (1 - math.cos(math.pi / (0.3 * 8 - 1))), 1e-3 / 25 / 1e4),
+    "batch_size_epochs": steps_and_epochs,
+    "metrics_subset": only_the_named_metrics,
+    "multi_label_bce": multi_label_metrics,
+    "multi_label_focal": multi_label_metrics,
+    "ema": ema_in_checkpoint,
+}
+
+
+@pytest.mark.slow
+def test_bad_option_in_a_single_run_is_one_line_and_exit_2(tmp_path):
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "run.py"), *TINY_RUN, "logger=none",
+           "loss.class_weights=[1,2]", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: loss.class_weights has 2 values but data.num_classes=4: give one weight per class")
+    assert "Traceback" not in proc.stderr
