@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # a model that trains a step in well under a second
 TINY_MODEL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.mlp_dim=64"]
-TINY_RUN = ["data=synthetic", *TINY_MODEL, "trainer.max_epochs=1", "trainer.progress_bar=false"]
+# viz.enabled_at_end=false: the end-of-training figures would add ~10-20 s to every run on 2 cores
+# (tests/test_visualize.py turns them on)
+TINY_RUN = ["data=synthetic", *TINY_MODEL, "trainer.max_epochs=1", "trainer.progress_bar=false",
+            "viz.enabled_at_end=false"]
 
 
 def offline_env(tmp_path: Path) -> dict:

@@ -14,6 +14,24 @@ def _has_api_key() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def override_values(overrides: list[str], config: dict) -> dict:
+    """A job's overrides as flat config keys, typed as in the composed config: "model.depth=4" ->
+    {"model.depth": 4}, "model/attention=windowed" -> {"model/attention": "windowed"}. These are the
+    names a W&B sweep gives its parameters, so Hydra sweeps and W&B sweeps fill the same columns. A
+    group choice named like a config section ("data=cifar10") is left out: the section is in the config."""
+    flat = {}
+    for override in overrides:
+        key, _, text = override.partition("=")
+        key = key.lstrip("+~")
+        if key.startswith("hydra.") or isinstance(config.get(key), dict):
+            continue
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        flat[key] = value if isinstance(value, (bool, int, float, str)) else text
+    return flat
+
+
 class WandbLogger:
     def __init__(self, project: str = "vitsweep", entity: str | None = None, group: str | None = None,
                  name: str | None = None, tags: list[str] | None = None, mode: str = "auto",
@@ -31,7 +49,8 @@ class WandbLogger:
         self.run = wandb.init(
             project=self.project, entity=self.entity, mode=self.mode, dir=str(job_dir),
             group=self.group or run_info.get("group"), name=self.name or run_info.get("name"),
-            tags=self.tags + run_info.get("tags", []), notes=self.notes, config=config,
+            tags=self.tags + run_info.get("tags", []), notes=self.notes,
+            config={**config, **override_values(run_info.get("overrides", []), config)},
             id=run_info.get("wandb_id"), resume="allow" if run_info.get("wandb_id") else None,
             reinit="finish_previous",  # a multirun job never writes into the previous job's run
         )

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from vitsweep.metrics import batch_accuracy, classification_metrics
+from vitsweep.metrics import ClassificationMetrics
 from vitsweep.trainer.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 
 
@@ -54,7 +55,8 @@ class Trainer:
     def __init__(self, max_epochs: int = 10, max_time: float | None = None, device: str = "auto",
                  precision: str = "auto", compile: str | bool = "auto", gradient_clip_val: float | None = 1.0,
                  accumulate_grad_batches: int = 1, monitor: str = "val/acc", monitor_mode: str = "max",
-                 log_every_n_steps: int = 50, progress_bar: bool = True):
+                 log_every_n_steps: int = 50, progress_bar: bool = True, ema_decay: float | None = None,
+                 metrics: ClassificationMetrics | None = None):
         if monitor_mode not in ("max", "min"):
             raise ValueError(f"trainer.monitor_mode={monitor_mode!r} is not one of: max, min")
         if accumulate_grad_batches < 1:
@@ -70,6 +72,10 @@ class Trainer:
         self.gradient_clip_val, self.accumulate = gradient_clip_val, accumulate_grad_batches
         self.monitor, self.monitor_mode = monitor, monitor_mode
         self.log_every_n_steps, self.progress_bar = log_every_n_steps, progress_bar
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"trainer.ema_decay={ema_decay} must be in (0, 1), e.g. 0.999, or null for no EMA")
+        self.ema_decay = ema_decay
+        self.metrics = metrics or ClassificationMetrics()
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -86,15 +92,22 @@ class Trainer:
         return value > best if self.monitor_mode == "max" else value < best
 
     @torch.inference_mode()
-    def evaluate(self, model, data, split: str, loss_fn) -> dict[str, float]:
+    def evaluate(self, model, data, split: str, loss_fn,
+                 confusion_matrix_png: Path | None = None) -> dict[str, float]:
+        """Loss and metrics of `model` on a split; with `confusion_matrix_png` (single-label), also
+        write the confusion matrix there."""
         model.eval()
         logits_all, labels_all = [], []
-        for images, labels in data.eval_batches(split):
+        for images, labels in data.eval_batches(split, all_views=True):
             with self.autocast():
-                logits_all.append(model(data.normalize(images)).float())
+                logits = model(data.normalize(images)).float()  # (B * views, K), views > 1 if eval_crop=tiled
+            logits_all.append(logits.view(len(labels), -1, logits.shape[-1]).mean(1))  # average each image's views
             labels_all.append(labels)
         logits, labels = torch.cat(logits_all), torch.cat(labels_all)
-        return {f"{split}/loss": loss_fn(logits, labels).item(), **classification_metrics(logits, labels, split)}
+        if confusion_matrix_png is not None and not self.metrics.multi_label:
+            self.metrics.save_confusion_matrix(logits, labels, data.class_names, confusion_matrix_png)
+        return {f"{split}/loss": loss_fn(logits, labels).item(),
+                **self.metrics(logits, labels, split, class_names=data.class_names)}
 
     def fit(self, model, data, augment, loss_fn, optimizer, scheduler, logger, ckpt_dir: Path, seed: int,
             checkpoint_extra: dict, resume_state: dict | None = None) -> FitResult:
@@ -115,11 +128,19 @@ class Trainer:
             epoch, step, skip_batches = resume_state["epoch"], resume_state["step"], resume_state["batch_in_epoch"]
             best_value, best_epoch = resume_state.get("best_value"), resume_state.get("best_epoch")
             elapsed_before = resume_state.get("elapsed_s", 0.0)
+            if "raw_model" in resume_state:  # written with EMA on: "model" holds the average
+                raw_model.load_state_dict(resume_state["raw_model"])
+        # EMA of the weights: what is validated, tested and saved as "model" when on
+        ema = ModelEmaV3(raw_model, decay=self.ema_decay) if self.ema_decay else None
+        if ema is not None and resume_state is not None and "raw_model" in resume_state:
+            ema.module.load_state_dict(resume_state["model"])
         start_time = time.time() - elapsed_before  # max_time counts the time before a resume too
 
         def checkpoint(name: str, epoch: int, batch_in_epoch: int) -> None:
+            weights = ({"model": raw_model.state_dict()} if ema is None
+                       else {"model": ema.module.state_dict(), "raw_model": raw_model.state_dict()})
             save_checkpoint(ckpt_dir / name, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                **weights, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
                 "best_value": best_value, "best_epoch": best_epoch, "elapsed_s": time.time() - start_time,
@@ -154,6 +175,8 @@ class Trainer:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(raw_model)  # ema = decay * ema + (1 - decay) * weights
                 step += 1
                 batch_in_epoch += 1
                 scheduler.step_update(num_updates=step)
@@ -161,7 +184,7 @@ class Trainer:
                 # bookkeeping stays on the device; one sync per log window, not per step
                 loss_detached = loss.detach()
                 epoch_loss += loss_detached * images.shape[0]
-                epoch_acc += batch_accuracy(logits.detach(), targets) * images.shape[0]
+                epoch_acc += self.metrics.batch_accuracy(logits.detach(), targets) * images.shape[0]
                 epoch_images += images.shape[0]
                 window_loss += loss_detached
                 window_steps += 1
@@ -187,11 +210,12 @@ class Trainer:
             epoch_done = not stopped_by_time
             metrics = {"train/loss": (epoch_loss / max(epoch_images, 1)).item(),
                        "train/acc": (epoch_acc / max(epoch_images, 1)).item()}
-            metrics.update(self.evaluate(raw_model if self.compile else model, data, "val", loss_fn))
+            metrics.update(self.evaluate(raw_model if ema is None else ema.module, data, "val", loss_fn))
             if self.monitor not in metrics:
                 raise ValueError(f"trainer.monitor={self.monitor!r} is not a logged metric: pick one of {sorted(metrics)}")
             logger.log(metrics, step=step, epoch=epoch)
-            print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                 if k.count("/") < 2)  # per-class values: jsonl and logger only
                   + f"  ({time.time() - start_time:.0f}s)", flush=True)
             if self.improved(metrics[self.monitor], best_value):
                 best_value, best_epoch = metrics[self.monitor], epoch
