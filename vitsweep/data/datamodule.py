@@ -5,7 +5,7 @@ one seeded weighted draw, with data.balance_ratio), and a batch is an index into
 lives on the device. Conversion to float, cropping, augmentation (vitsweep.augment) and normalization
 all run batched where the model runs.
 
-The input data strategy (docs/parameters_data_strategy.md) lives here:
+The input data strategy (docs/parameters.md, "Input Data Strategy") lives here:
 - crop_size: the stored images keep image_size, the decode size; the model sees crop_size windows:
   a random one per sample for training, the centre one for evaluation, or with eval_crop=tiled a grid
   of windows covering the image, whose logits the trainer averages.
