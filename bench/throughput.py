@@ -31,8 +31,8 @@ from vitsweep.data.datamodule import DataModule
 from vitsweep.data.imagefolder import load_imagefolder
 from vitsweep.models import VisionTransformer
 
-SHAPE = dict(image_size=32, patch_size=4, in_channels=3, num_classes=10, embed_dim=128, depth=6, num_heads=4,
-             mlp_dim=256)  # model=vit_cpu on CIFAR-10
+SHAPE = {"image_size": 32, "patch_size": 4, "in_channels": 3, "num_classes": 10, "embed_dim": 128, "depth": 6, "num_heads": 4,
+             "mlp_dim": 256}  # model=vit_cpu on CIFAR-10
 
 
 def train_images_per_s(model, batch_size: int, steps: int, device) -> float:

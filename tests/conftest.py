@@ -38,7 +38,7 @@ def run_cli(args: list[str], tmp_path: Path, multirun: bool = False, check: bool
     where = f"hydra.sweep.dir={tmp_path / 'sweep'}" if multirun else f"hydra.run.dir={tmp_path / 'run'}"
     cmd = [sys.executable, str(ROOT / "run.py"), *(["-m"] if multirun else []), *args, where]
     proc = subprocess.run(cmd, cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)  # `check` is ours: it prints the output on failure
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

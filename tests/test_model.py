@@ -11,8 +11,8 @@ from vitsweep.models.pos_embed import NoPositionEmbedding, SinCosPositionEmbeddi
 
 
 def tiny(**kw):
-    args = dict(image_size=16, patch_size=4, in_channels=3, num_classes=5, embed_dim=32, depth=2,
-                num_heads=4, mlp_dim=64)
+    args = {"image_size": 16, "patch_size": 4, "in_channels": 3, "num_classes": 5, "embed_dim": 32, "depth": 2,
+                "num_heads": 4, "mlp_dim": 64}
     return VisionTransformer(**{**args, **kw})
 
 
@@ -80,10 +80,10 @@ def test_norm_is_injected():
 
 
 @pytest.mark.parametrize("kwargs,key", [
-    (dict(image_size=18, patch_size=4), "model.patch_size=4"),
-    (dict(embed_dim=30, num_heads=4), "model.embed_dim=30"),
-    (dict(pooling="max"), "model.pooling='max'"),
-    (dict(patch_size=4, patch_stride=5), "model.patch_size=4"),  # (16 - 4) % 5 != 0
+    ({"image_size": 18, "patch_size": 4}, "model.patch_size=4"),
+    ({"embed_dim": 30, "num_heads": 4}, "model.embed_dim=30"),
+    ({"pooling": "max"}, "model.pooling='max'"),
+    ({"patch_size": 4, "patch_stride": 5}, "model.patch_size=4"),  # (16 - 4) % 5 != 0
 ])
 def test_bad_shapes_fail_with_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key.replace("(", r"\(")):

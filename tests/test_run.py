@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_RUN, read_metrics, read_summary, run_cli
+
 from vitsweep.logger.wandb_offline import find_offline_runs, read_offline_run
 from vitsweep.models import VisionTransformer
 

@@ -260,7 +260,7 @@ def run(cfg: DictConfig) -> float:
         info["wandb_id"] = resumed_run_id(cfg)
         logger.start_backend(config={**config, "overrides": info["overrides"]}, run_info=info)
         value = MODES[cfg.mode](cfg, logger, info)
-    except BaseException as err:  # noqa: BLE001 -- record every failure, KeyboardInterrupt included
+    except BaseException as err:
         user_error = _user_error(err)
         message = f"{type(user_error or err).__name__}: {user_error or err}"
         logger.finish(status="failed", error=message)

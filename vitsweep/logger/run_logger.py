@@ -27,7 +27,8 @@ class RunLogger:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         self.backend = backend
         self.start_time = time.time()
-        self.metrics_file = open(self.job_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered
+        # open for the whole job, line-buffered so a killed job keeps every line; closed in finish()
+        self.metrics_file = open(self.job_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         self.summary = {"status": "running", "error": None, "metrics": {}, **(summary or {})}
         self.write_summary()
 

@@ -8,8 +8,8 @@ the config groups model/attention, model/norm and model/pos_embed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from timm.layers import DropPath

@@ -6,6 +6,7 @@ converted), so loading never unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise FileNotFoundError(f"ckpt_path={path} does not exist: pass the path of a last.pt or best.pt")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # corrupt, truncated, or not ours
         raise ValueError(f"ckpt_path={path} is not a readable vitsweep checkpoint ({type(err).__name__}): "
                          f"pass a last.pt or best.pt written by run.py") from None
     if not isinstance(payload, dict) or "model" not in payload:
