@@ -20,13 +20,25 @@ TINY_RUN = ["data=synthetic", *TINY_MODEL, "trainer.max_epochs=1", "trainer.prog
             "viz.enabled_at_end=false"]
 
 
+def wandb_offline_vars(root: Path) -> dict[str, str]:
+    """W&B offline, quiet, and every folder it writes inside root: no network, nothing in ~/.config."""
+    return {
+        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DIR": str(root),
+        **{var: str(root / name) for var, name in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
+                                                   ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts"))},
+    }
+
+
+def offline_wandb_env(monkeypatch, root: Path) -> None:
+    """The same, for W&B runs made inside the test process."""
+    for name, value in wandb_offline_vars(Path(root)).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
 def offline_env(tmp_path: Path) -> dict:
     """Environment for a subprocess: W&B offline with every W&B folder inside tmp_path."""
-    env = dict(os.environ)
-    wandb_home = tmp_path / "wandb_home"
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        env[var] = str(wandb_home / var.lower())
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env = {**os.environ, **wandb_offline_vars(tmp_path / "wandb_home"), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("WANDB_API_KEY", None)  # never reach the W&B server from a test
     return env
 

@@ -10,6 +10,7 @@ import sys
 import matplotlib.image
 import pytest
 import wandb
+from conftest import offline_wandb_env
 
 from vitsweep import cli
 from vitsweep.compare import discover_runs, group_by_seed, group_stats, main, swept_keys
@@ -248,22 +249,6 @@ def test_module_entry_point_in_subprocess(sweep_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- W&B offline runs
-
-
-def offline_wandb_env(monkeypatch, root):
-    """Keep wandb offline, quiet and inside root: no network, nothing in ~/.config or ~/.cache."""
-    for name, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB_DIR": root,
-        "WANDB_CONFIG_DIR": root / "config",
-        "WANDB_CACHE_DIR": root / "cache",
-        "WANDB_DATA_DIR": root / "data",
-        "WANDB_ARTIFACT_DIR": root / "artifacts",
-    }.items():
-        monkeypatch.setenv(name, str(value))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
 # name -> (overrides, val/acc per epoch, exit code)

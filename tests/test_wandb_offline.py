@@ -5,6 +5,7 @@ import zlib
 
 import pytest
 import wandb
+from conftest import offline_wandb_env
 
 from vitsweep.logger.wandb_offline import (
     BLOCK_SIZE,
@@ -25,22 +26,6 @@ LOGS_A = [
 ]
 LOGS_B = [{"train/loss": 3.0, "note": "diverged"}, {"train/loss": float("inf"), "flag": True}]
 BIG_TEXT = "0123456789" * 10_000  # one 100 kB record: split into first/middle/last fragments
-
-
-def offline_wandb_env(monkeypatch, root):
-    """Keep wandb offline, quiet and inside root: no network, nothing in ~/.config or ~/.cache."""
-    for name, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB_DIR": root,
-        "WANDB_CONFIG_DIR": root / "config",
-        "WANDB_CACHE_DIR": root / "cache",
-        "WANDB_DATA_DIR": root / "data",
-        "WANDB_ARTIFACT_DIR": root / "artifacts",
-    }.items():
-        monkeypatch.setenv(name, str(value))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
 @pytest.fixture(scope="module")
