@@ -22,6 +22,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
@@ -40,7 +41,7 @@ def baseline(root: Path, minutes: float, epochs: int, workers: int, batch_size: 
     train = DataLoader(datasets.ImageFolder(str(root / "train"), train_tf), batch_size=batch_size, shuffle=True,
                        num_workers=workers, drop_last=True, persistent_workers=workers > 0)
     test = DataLoader(datasets.ImageFolder(str(root / "test"), test_tf), batch_size=1000, num_workers=workers)
-    optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
     total = epochs * len(train)
     warmup = len(train)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
