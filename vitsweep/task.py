@@ -75,9 +75,9 @@ def train(cfg: DictConfig, logger: RunLogger, info: dict) -> float | None:
     # the training labels: for loss.class_weights=balanced, and to check multi_label against the data
     loss_fn = instantiate(cfg.loss, train_labels=data.split("train").labels)
     optimizer = instantiate(cfg.optimizer, model=model)
-    total_steps = cfg.trainer.max_epochs * (data.steps_per_epoch() // cfg.trainer.accumulate_grad_batches)
-    scheduler = instantiate(cfg.scheduler, optimizer=optimizer, total_steps=total_steps,
-                            steps_per_epoch=data.steps_per_epoch() // cfg.trainer.accumulate_grad_batches)
+    steps_per_epoch = data.steps_per_epoch() // cfg.trainer.accumulate_grad_batches  # optimizer steps
+    scheduler = instantiate(cfg.scheduler, optimizer=optimizer, total_steps=cfg.trainer.max_epochs * steps_per_epoch,
+                            steps_per_epoch=steps_per_epoch)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"].update(data.normalization_stats())  # the mean/std in use (computed if normalization=auto)
     logger.update_summary(num_params=sum(p.numel() for p in model.parameters()),
@@ -94,7 +94,8 @@ def train(cfg: DictConfig, logger: RunLogger, info: dict) -> float | None:
     # the test split is scored once, with the best checkpoint
     best = load_checkpoint(ckpt_dir / "best.pt", map_location=trainer.device)
     model.load_state_dict(best["model"])
-    best_val = trainer.evaluate(model, data, "val", loss_fn)  # already in metrics.jsonl, at its epoch
+    # the best epoch's validation metrics come from fit(): no second pass over the val split
+    best_val = {k: v for k, v in (result.best_metrics or {}).items() if k.startswith("val/")}
     confusion_png = info["job_dir"] / "confusion_matrix.png"
     test = trainer.evaluate(model, data, "test", loss_fn, confusion_matrix_png=confusion_png)
     logger.log(test, step=result.steps, epoch=result.epochs_completed)

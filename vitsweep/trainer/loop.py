@@ -49,6 +49,7 @@ class FitResult:
     epochs_completed: int
     steps: int
     stopped_by_time: bool
+    best_metrics: dict[str, float] | None  # every metric of the best epoch (val/*, train/*)
 
 
 class Trainer:
@@ -120,13 +121,14 @@ class Trainer:
             raise ValueError(f"data.batch_size={data.batch_size} x trainer.accumulate_grad_batches={self.accumulate} "
                              f"exceeds the {len(data.split('train'))} training images: lower data.batch_size")
         epoch, step, skip_batches, elapsed_before = 0, 0, 0, 0.0
-        best_value, best_epoch = None, None
+        best_value, best_epoch, best_metrics = None, None, None
         if resume_state is not None:  # continue the run that wrote last.pt
             optimizer.load_state_dict(resume_state["optimizer"])
             scheduler.load_state_dict(resume_state["scheduler"])
             scaler.load_state_dict(resume_state["scaler"])
             epoch, step, skip_batches = resume_state["epoch"], resume_state["step"], resume_state["batch_in_epoch"]
             best_value, best_epoch = resume_state.get("best_value"), resume_state.get("best_epoch")
+            best_metrics = resume_state.get("best_metrics")
             elapsed_before = resume_state.get("elapsed_s", 0.0)
             if "raw_model" in resume_state:  # written with EMA on: "model" holds the average
                 raw_model.load_state_dict(resume_state["raw_model"])
@@ -143,7 +145,8 @@ class Trainer:
                 **weights, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
-                "best_value": best_value, "best_epoch": best_epoch, "elapsed_s": time.time() - start_time,
+                "best_value": best_value, "best_epoch": best_epoch, "best_metrics": best_metrics,
+                "elapsed_s": time.time() - start_time,
                 "rng": capture_rng_state(), **checkpoint_extra,
             })
 
@@ -218,7 +221,7 @@ class Trainer:
                                                  if k.count("/") < 2)  # per-class values: jsonl and logger only
                   + f"  ({time.time() - start_time:.0f}s)", flush=True)
             if self.improved(metrics[self.monitor], best_value):
-                best_value, best_epoch = metrics[self.monitor], epoch
+                best_value, best_epoch, best_metrics = metrics[self.monitor], epoch, metrics
                 checkpoint("best.pt", epoch + epoch_done, 0)
             if epoch_done:
                 epoch += 1
@@ -228,4 +231,4 @@ class Trainer:
             logger.update_summary(best_value=best_value, best_epoch=best_epoch, epochs_completed=epoch, steps=step)
             if self.max_time is not None and time.time() - start_time > self.max_time:
                 stopped_by_time = True
-        return FitResult(best_value, best_epoch, epoch, step, stopped_by_time)
+        return FitResult(best_value, best_epoch, epoch, step, stopped_by_time, best_metrics)
