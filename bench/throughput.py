@@ -29,7 +29,7 @@ from vitsweep.augment import Compose
 from vitsweep.augment.geometric import Flips, RandomCrop
 from vitsweep.data.datamodule import DataModule
 from vitsweep.data.imagefolder import load_imagefolder
-from vitsweep.models import VisionTransformer
+from vitsweep.model import VisionTransformer
 
 SHAPE = {"image_size": 32, "patch_size": 4, "in_channels": 3, "num_classes": 10, "embed_dim": 128, "depth": 6, "num_heads": 4,
              "mlp_dim": 256}  # model=vit_cpu on CIFAR-10

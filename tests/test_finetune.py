@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 from vitsweep.data import DataModule
 from vitsweep.data.synthetic import load_synthetic
-from vitsweep.models import VisionTransformer
-from vitsweep.models.pretrained import TRAINABLE
+from vitsweep.model import create_vit
+from vitsweep.model.pretrained import TRAINABLE
 from vitsweep.optimizer import build_optimizer
 
 EXPERIMENT = "finetune_vit_s16_cifar10"
@@ -53,6 +53,15 @@ def test_finetune_on_another_class_count_reports_the_new_head(pretrained):
 
 
 @pytest.mark.slow
+def test_the_load_report_is_kept_in_the_summary(pretrained):
+    job_dir, _ = pretrained["classes"]
+    report = read_summary(job_dir)["pretrained"]
+    assert report["source"] == str(pretrained["ckpt"])
+    assert report["reinitialized"] == ["head.weight (4 -> 3 classes)", "head.bias (4 -> 3 classes)"]
+    assert report["num_loaded"] == len(pretrained["weights"]) - 2 and report["dropped"] == []
+
+
+@pytest.mark.slow
 def test_trainable_head_leaves_every_other_weight_as_pretrained(pretrained):
     job_dir, _ = pretrained["head"]
     weights, start = last_weights(job_dir), pretrained["weights"]
@@ -79,8 +88,8 @@ def test_timm_weights_offline_fail_with_one_line_naming_the_key(tmp_path):
 @pytest.mark.parametrize("trainable", list(TRAINABLE))
 @pytest.mark.parametrize("weight_decay", [0.05, 0.0])
 def test_optimizer_gets_exactly_the_trainable_parameters(trainable, weight_decay):
-    model = VisionTransformer(image_size=16, patch_size=4, in_channels=3, num_classes=4, embed_dim=32, depth=2,
-                              num_heads=2, mlp_dim=64, trainable=trainable)
+    model = create_vit(image_size=16, patch_size=4, in_channels=3, num_classes=4, embed_dim=32, depth=2,
+                       num_heads=2, mlp_dim=64, trainable=trainable)
     optimizer = build_optimizer(model, name="adamw", weight_decay=weight_decay)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}

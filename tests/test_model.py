@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from vitsweep.models import VisionTransformer
-from vitsweep.models.pos_embed import NoPositionEmbedding, SinCosPositionEmbedding
+from vitsweep.model import VisionTransformer, record_attention
+from vitsweep.model.pos_embed import NoPositionEmbedding, SinCosPositionEmbedding
 
 
 def tiny(**kw):
@@ -21,7 +21,8 @@ def tiny(**kw):
 def test_logits_and_attention_shapes(pooling, prefix, pos_embed):
     model = tiny(pooling=pooling, pos_embed=pos_embed).eval()
     images = torch.randn(3, 3, 16, 16)
-    logits, attentions = model(images, return_attention=True)
+    with record_attention(model) as attentions:
+        logits = model(images)
     assert logits.shape == (3, 5)
     assert len(attentions) == 2
     n = prefix + 16
@@ -44,7 +45,8 @@ def test_any_image_size_and_channel_count(image_size, channels):
 def test_overlapping_patches_give_more_tokens():
     plain, overlapping = tiny(patch_size=4), tiny(patch_size=4, patch_stride=2)
     assert plain.grid_size == (4, 4) and overlapping.grid_size == (7, 7)
-    _, attentions = overlapping(torch.randn(1, 3, 16, 16), return_attention=True)
+    with record_attention(overlapping) as attentions:
+        overlapping(torch.randn(1, 3, 16, 16))
     assert attentions[0].shape[-1] == 1 + 49
 
 

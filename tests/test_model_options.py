@@ -8,10 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from vitsweep.models import VisionTransformer
-from vitsweep.models.attention import LocalAttention, MultiHeadAttention, SparseAttention, WindowedAttention
-from vitsweep.models.norm import TokenBatchNorm
-from vitsweep.models.pos_embed import NoPositionEmbedding, SinCosPositionEmbedding
+from vitsweep.model import VisionTransformer
+from vitsweep.model.attention import (
+    LocalAttention,
+    MultiHeadAttention,
+    SparseAttention,
+    WindowedAttention,
+    record_attention,
+)
+from vitsweep.model.norm import TokenBatchNorm
+from vitsweep.model.pos_embed import NoPositionEmbedding, SinCosPositionEmbedding
 
 GRID = (4, 5)  # non-square, so rows and columns are not interchangeable
 DIM, HEADS = 8, 2
@@ -83,7 +89,7 @@ def partial_attention(name: str):
 def test_attention_output_depends_only_on_tokens_in_the_pattern(name, layer, num_prefix):
     attn = attention_module(name, layer, num_prefix)
     x = torch.randn(1, num_prefix + GRID[0] * GRID[1], DIM)
-    depends = dependence(lambda t: attn(t)[0], x)
+    depends = dependence(lambda t: attn(t), x)
     expected = expected_visibility(name, layer, num_prefix)
     # zero gradient outside the pattern, nonzero inside; the cls token (if any) sees and is seen by all
     assert torch.equal(depends, expected)
@@ -100,7 +106,7 @@ def test_block_output_depends_only_on_tokens_in_the_pattern(name, norm, placemen
     # statistics are shared by all tokens, so no norm-free locality holds there)
     x = torch.randn(1, 1 + GRID[0] * GRID[1], DIM)
     for layer, block in enumerate(model.blocks):
-        depends = dependence(lambda t, block=block: block(t)[0], x)
+        depends = dependence(lambda t, block=block: block(t), x)
         assert torch.equal(depends, expected_visibility(name, layer, num_prefix=1))
 
 
@@ -118,7 +124,8 @@ def test_shifted_windows_differ_between_even_and_odd_layers():
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_attention_maps_are_distributions_zero_outside_the_pattern(name, pooling):
     model = tiny_vit(attention=partial_attention(name), pooling=pooling)
-    logits, attentions = model(torch.rand(3, 3, 16, 20), return_attention=True)
+    with record_attention(model) as attentions:
+        logits = model(torch.rand(3, 3, 16, 20))
     num_prefix = 1 if pooling == "cls" else 0
     n = num_prefix + GRID[0] * GRID[1]
     assert logits.shape == (3, 3) and len(attentions) == 2
@@ -134,7 +141,9 @@ def test_attention_maps_are_distributions_zero_outside_the_pattern(name, pooling
 def test_fast_and_visualization_paths_agree():
     model = tiny_vit(attention=partial_attention("local3")).eval()
     images = torch.rand(2, 3, 16, 20)
-    torch.testing.assert_close(model(images), model(images, return_attention=True)[0])
+    with record_attention(model):
+        recorded = model(images)  # the explicit softmax path
+    torch.testing.assert_close(model(images), recorded)
 
 
 def test_sparse_options_fail_clearly():
@@ -196,7 +205,7 @@ def test_pre_and_post_norm_give_different_functions_with_identical_weights():
     assert not torch.allclose(pre(images), post(images))
     # post-norm: a block's output is normalized (LayerNorm at init: weight 1, bias 0); pre-norm: not
     tokens = pre.pos_embed(torch.cat([pre.cls_token.expand(2, -1, -1), pre.patch_embed(images)], dim=1))
-    post_out, pre_out = post.blocks[0](tokens)[0], pre.blocks[0](tokens)[0]
+    post_out, pre_out = post.blocks[0](tokens), pre.blocks[0](tokens)
     torch.testing.assert_close(post_out.mean(dim=-1), torch.zeros(2, 21), atol=1e-5, rtol=0)
     assert pre_out.mean(dim=-1).abs().max() > 1e-3
 

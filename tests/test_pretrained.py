@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from vitsweep.models import VisionTransformer
-from vitsweep.models.norm import TokenBatchNorm
-from vitsweep.models.pos_embed import SinCosPositionEmbedding
-from vitsweep.models.pretrained import (
+from vitsweep.model import VisionTransformer, create_vit
+from vitsweep.model.norm import TokenBatchNorm
+from vitsweep.model.pos_embed import SinCosPositionEmbedding
+from vitsweep.model.pretrained import (
     TRAINABLE,
     PretrainedLoadError,
     adapt_state_dict,
@@ -83,12 +83,14 @@ def test_timm_file_round_trip_through_load_pretrained(tmp_path, suffix, pooling)
         torch.testing.assert_close(model(x), timm_model(x), atol=1e-5, rtol=0)
 
 
-def test_constructor_loads_pretrained_and_freezes(tmp_path):
+def test_factory_loads_pretrained_and_freezes(tmp_path):
     shape = SHAPES[0]
     timm_model = make_timm(shape)
     path = tmp_path / "timm_vit.pth"
     torch.save(timm_model.state_dict(), path)
-    model = make_vitsweep(shape, pretrained=str(path), trainable="head")
+    model = create_vit(**dict(shape, num_classes=NUM_CLASSES, mlp_dim=2 * shape["embed_dim"]), pretrained=str(path),
+                       trainable="head").eval()
+    assert model.load_report.source == str(path) and not model.load_report.reinitialized
     x = images_for(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), timm_model(x), atol=1e-5, rtol=0)

@@ -6,6 +6,13 @@ The mask gives the exact semantics of each pattern (a token's output does not de
 cannot see); the compute stays a dense (N, N) product run by `scaled_dot_product_attention`, which
 is right for the ablation sizes this harness targets (N <= a few hundred tokens).
 
+Attention probabilities are not returned: `forward` gives tokens, like every other module. To
+look at them, `record_attention(model)` switches every attention module to the explicit path
+(softmax(QK^T) @ V) and collects the (B, nh, N, N) probabilities of each call, in call order:
+
+    with record_attention(model) as attentions:
+        logits = model(images)      # attentions: one (B, nh, N, N) tensor per attention call
+
 Prefix tokens (the cls token) are global in every pattern: they attend to every token and every
 token attends to them, as in Longformer's global tokens. That keeps the cls summary meaningful
 when patch tokens only see their neighbourhood. Per pattern, a patch token attends to:
@@ -21,6 +28,9 @@ model.pooling=mean there is no prefix token and the masks hold over patches alon
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +62,7 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.grid_size, self.num_prefix_tokens, self.layer_idx = tuple(grid_size), num_prefix_tokens, layer_idx
+        self.recorder: list[torch.Tensor] | None = None  # set by record_attention()
         patch_mask = self.pattern(*self.grid_size)  # (P, P) over patch tokens, or None for full
         if patch_mask is None:
             self.register_buffer("mask", None, persistent=False)
@@ -65,27 +76,43 @@ class MultiHeadAttention(nn.Module):
         """Boolean (P, P) mask over the P = grid_h * grid_w patch tokens; None means attend to all."""
         return None
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, nh, N, hd)
         mask = self.mask
         if mask is not None and mask.shape[0] != N:
             raise ValueError(f"attention mask was built for {mask.shape[0]} tokens, input has {N}")
-        attn = None
-        if return_attention:
-            # slow path, only for visualization: materialize the (B, nh, N, N) probabilities
+        if self.recorder is not None:
+            # slow path, only under record_attention(): materialize the (B, nh, N, N) probabilities
             scores = (q * self.scale) @ k.transpose(-2, -1)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             attn = scores.softmax(dim=-1)
+            self.recorder.append(attn)
             out = F.dropout(attn, self.attn_drop, self.training) @ v
         else:
             # fast path: flash / memory-efficient kernels where available
             dropout_p = self.attn_drop if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        return self.proj_drop(self.proj(out)), attn
+        return self.proj_drop(self.proj(out))
+
+
+@contextmanager
+def record_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the attention probabilities (B, nh, N, N) of every `MultiHeadAttention` call that runs
+    inside the `with` block, in call order (one per layer for a plain ViT). Outside it the model runs
+    its fast path again. A module called twice (shared weights) records twice."""
+    attentions: list[torch.Tensor] = []
+    modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    for module in modules:
+        module.recorder = attentions
+    try:
+        yield attentions
+    finally:
+        for module in modules:
+            module.recorder = None
 
 
 def _grid_coords(grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:

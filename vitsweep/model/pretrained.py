@@ -15,18 +15,17 @@ Every adaptation is recorded in the returned `LoadReport`, so a run says what it
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
-if TYPE_CHECKING:  # vit.py imports this module; the model class is only needed for type hints
-    from vitsweep.models.vit import VisionTransformer
+log = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
 
@@ -61,6 +60,10 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)  # checkpoint tensors the model has no place for
     notes: list[str] = field(default_factory=list)  # approximations worth knowing about
 
+    def as_dict(self) -> dict:
+        """For summary.json: every list, plus the counts."""
+        return {**asdict(self), "num_loaded": len(self.loaded), "num_missing": len(self.reinitialized)}
+
     def __str__(self) -> str:
         lines = [f"pretrained {self.source}: {len(self.loaded)} tensors loaded as they were"]
         for name in ("resampled", "reinitialized", "adapted_channels", "dropped", "notes"):
@@ -71,7 +74,7 @@ class LoadReport:
 
 # --------------------------------------------------------------------------- timm -> vitsweep names
 
-def convert_timm_state_dict(timm_sd: dict, model: VisionTransformer,
+def convert_timm_state_dict(timm_sd: dict, model: nn.Module,
                             report: LoadReport | None = None) -> dict[str, torch.Tensor]:
     """Rename a timm `VisionTransformer` state dict to vitsweep's names. Shapes are not touched here
     (see `adapt_state_dict`), except that a timm `no_embed_class` position embedding gets a zero row
@@ -124,14 +127,14 @@ def convert_timm_state_dict(timm_sd: dict, model: VisionTransformer,
     return converted
 
 
-def _could_be_grid(num_patches: int, model: VisionTransformer) -> bool:
+def _could_be_grid(num_patches: int, model: nn.Module) -> bool:
     return num_patches == model.grid_size[0] * model.grid_size[1] or (
         num_patches > 0 and math.isqrt(num_patches) ** 2 == num_patches)
 
 
 # ------------------------------------------------------------------------ fit tensors to the model
 
-def adapt_state_dict(state_dict: dict, model: VisionTransformer, strict_shapes: bool = True,
+def adapt_state_dict(state_dict: dict, model: nn.Module, strict_shapes: bool = True,
                      report: LoadReport | None = None) -> dict[str, torch.Tensor]:
     """Fit a state dict in vitsweep names to `model`: resample the position embedding to the model's
     patch grid, resample the patch kernel to its patch size, adapt the input bands, add/drop the cls
@@ -247,7 +250,7 @@ def _mentioned(key: str, report: LoadReport) -> bool:
 
 # -------------------------------------------------------------------------------------- loading
 
-def load_pretrained(model: VisionTransformer, source: str, strict_shapes: bool = True) -> LoadReport:
+def load_pretrained(model: nn.Module, source: str, strict_shapes: bool = True) -> LoadReport:
     """Load weights from `source` into `model` in place, adapting them to its shape. `source` is a
     path to a vitsweep checkpoint or a timm state dict (.pt/.pth/.safetensors), or `timm:NAME`.
     Prints and returns a `LoadReport` of what was adapted."""
@@ -261,7 +264,7 @@ def load_pretrained(model: VisionTransformer, source: str, strict_shapes: bool =
     state_dict = adapt_state_dict(state_dict, model, strict_shapes=strict_shapes, report=report)
     with torch.no_grad():
         model.load_state_dict(state_dict, strict=False)  # what's absent was checked and reported above
-    print(report)
+    log.info("%s", report)
     return report
 
 

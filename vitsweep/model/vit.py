@@ -4,6 +4,10 @@ Module names follow timm's `VisionTransformer` (patch_embed.proj, cls_token, blo
 blocks.i.mlp.fc1, norm, head), so timm weights port with little renaming (see pretrained.py).
 The attention pattern, the norm layer and the position embedding are components injected by
 the config groups model/attention, model/norm and model/pos_embed.
+
+The class only builds modules: no file is read here. Pretrained weights and freezing are applied
+afterwards by the factory that the model configs target (`vitsweep.model.factory.create_vit`).
+Attention maps are collected with `vitsweep.model.attention.record_attention`.
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from vitsweep.models.attention import MultiHeadAttention
-from vitsweep.models.pos_embed import LearnedPositionEmbedding
-from vitsweep.models.pretrained import freeze, load_pretrained
+from vitsweep.model.attention import MultiHeadAttention
+from vitsweep.model.pos_embed import LearnedPositionEmbedding
 
 
 def _pair(v) -> tuple[int, int]:
@@ -75,16 +78,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_dim, dropout)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x, return_attention: bool = False):
+    def forward(self, x):  # (B, N, C) -> (B, N, C)
         if self.pre_norm:
-            out, attn = self.attn(self.norm1(x), return_attention)
-            x = x + self.drop_path1(out)
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
             x = x + self.drop_path2(self.mlp(self.norm2(x)))
         else:
-            out, attn = self.attn(x, return_attention)
-            x = self.norm1(x + self.drop_path1(out))
+            x = self.norm1(x + self.drop_path1(self.attn(x)))
             x = self.norm2(x + self.drop_path2(self.mlp(x)))
-        return x, attn
+        return x
 
 
 class VisionTransformer(nn.Module):
@@ -108,8 +109,6 @@ class VisionTransformer(nn.Module):
         attention: Callable[..., nn.Module] | None = None,
         norm: Callable[[int], nn.Module] | None = None,
         pos_embed: Callable[..., nn.Module] | None = None,
-        pretrained: str | None = None,
-        trainable: str = "all",
     ):
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -149,9 +148,6 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(dropout)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
-        if pretrained:  # a checkpoint path or timm:NAME, adapted to this shape (see pretrained.py)
-            load_pretrained(self, pretrained)
-        freeze(self, trainable)
 
     def _init_weights(self):
         # timm's default ViT init: truncated normal Linear weights, zero biases, tiny cls token
@@ -167,18 +163,16 @@ class VisionTransformer(nn.Module):
         """Parameter names that weight decay should leave alone (besides norms and biases)."""
         return {"cls_token", "pos_embed.weight"}
 
-    def forward_features(self, x, return_attention: bool = False):
+    def forward_features(self, x):
         x = self.patch_embed(x)  # (B, P, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+P, D)
         x = self.pos_drop(self.pos_embed(x))
-        attentions = []
         for block in self.blocks:
-            x, attn = block(x, return_attention)  # attn: (B, nh, N, N) or None
-            attentions.append(attn)
+            x = block(x)  # (B, N, D)
         if self.pooling == "cls":
             x = self.norm(x)
-        return (x, attentions) if return_attention else x
+        return x
 
     def forward_head(self, x, pre_logits: bool = False):
         if self.pooling == "cls":
@@ -188,12 +182,7 @@ class VisionTransformer(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x, return_attention: bool = False):
-        """Logits (B, num_classes); with return_attention, also a list over layers of the attention
-        probabilities, each (B, num_heads, N, N) with N = num_prefix_tokens + num_patches."""
-        if return_attention:
-            tokens, attentions = self.forward_features(x, return_attention=True)
-            return self.forward_head(tokens), attentions
+    def forward(self, x):  # (B, C, H, W) -> logits (B, num_classes)
         return self.forward_head(self.forward_features(x))
 
     def summary(self) -> str:
