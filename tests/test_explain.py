@@ -5,17 +5,17 @@ import matplotlib.image
 import pytest
 import torch
 
-from vitsweep.explain import (
+from vitsweep.model import create_vit
+from vitsweep.viz import explanation_figure
+from vitsweep.viz.explain import (
     EXPLAINERS,
     explain,
-    explanation_figure,
     gradcam,
     integrated_gradients,
     lime,
     patch_feature_mask,
     to_patch_grid,
 )
-from vitsweep.models import VisionTransformer
 from vitsweep.viz.figures import save_figure
 
 
@@ -24,7 +24,7 @@ def tiny_vit(pooling="cls", in_channels=3, **overrides):
     args = {"image_size": 32, "patch_size": 8, "in_channels": in_channels, "num_classes": 4, "embed_dim": 32,
             "depth": 2, "num_heads": 2, "mlp_dim": 64, "pooling": pooling}
     args.update(overrides)
-    return VisionTransformer(**args).eval()
+    return create_vit(**args).eval()
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -98,7 +98,7 @@ def test_cls_logits_ignore_the_patch_tokens_leaving_the_last_block():
     # why Grad-CAM taps the tokens entering the last block: leaving it, patches have no gradient
     model = tiny_vit("cls")
     captured = {}
-    handle = model.blocks[-1].register_forward_hook(lambda module, args, out: captured.update(tokens=out[0]))
+    handle = model.blocks[-1].register_forward_hook(lambda module, args, out: captured.update(tokens=out))
     logits = model(torch.randn(1, 3, 32, 32))
     handle.remove()
     grads = torch.autograd.grad(logits[0, 0], captured["tokens"])[0]  # (1, N, D)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vitsweep.metrics import ClassificationMetrics
+from vitsweep.viz import confusion_matrix_figure, save_figure
 
 ALL = ["accuracy", "top5", "auroc", "precision", "recall", "f1"]
 
@@ -100,11 +101,11 @@ def test_unknown_metric_names_fail_listing_the_valid_ones():
 def test_confusion_matrix_png_is_written_and_readable(tmp_path):
     labels = torch.tensor([0, 0, 1, 2, 2, 2])
     logits = one_hot_logits([0, 1, 1, 2, 2, 0], 3)
-    path = ClassificationMetrics().save_confusion_matrix(logits, labels, ["cat", "dog", "bird"],
-                                                         tmp_path / "figs" / "confusion_matrix.png")
+    path = save_figure(confusion_matrix_figure(logits, labels, ["cat", "dog", "bird"]),
+                       tmp_path / "figs" / "confusion_matrix.png")
     assert path == tmp_path / "figs" / "confusion_matrix.png" and path.stat().st_size > 0
     pixels = matplotlib.image.imread(path)
     assert pixels.ndim == 3 and min(pixels.shape[:2]) >= 300
     assert pixels[..., :3].std() > 0.05  # a drawn matrix, not a blank canvas
-    with pytest.raises(ValueError, match="multi_label=true"):
-        ClassificationMetrics(multi_label=True).save_confusion_matrix(logits, labels, None, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="multi-hot labels"):
+        confusion_matrix_figure(logits, one_hot_logits([0, 1, 1, 2, 2, 0], 3), None)

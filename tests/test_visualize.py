@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import TINY_MODEL, TINY_RUN, read_summary, run_cli
 
-from vitsweep.explain import EXPLAINERS
 from vitsweep.logger.wandb_offline import find_offline_runs, read_offline_run
-from vitsweep.models import VisionTransformer
+from vitsweep.model import VisionTransformer
+from vitsweep.viz.explain import EXPLAINERS
 from vitsweep.viz.report import FigureReport, read_image_file
 
 NUM_IMAGES = 3

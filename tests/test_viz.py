@@ -4,7 +4,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from vitsweep.models import VisionTransformer
+from vitsweep.model import VisionTransformer
 from vitsweep.viz import (
     attention_rollout,
     collect_attentions,

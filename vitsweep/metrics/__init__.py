@@ -1,6 +1,7 @@
-"""Evaluation metrics over a whole split (torchmetrics, functional form, on collected logits), the
-training-batch accuracy, and the test-time confusion matrix. The metrics config group builds a
-`ClassificationMetrics`; the trainer calls it on val every epoch and on test at the end.
+"""Evaluation metrics over a whole split (torchmetrics, functional form, on collected logits) and the
+training-batch accuracy: numbers only (figures, such as the confusion matrix, are vitsweep.viz's).
+The metrics config group builds a `ClassificationMetrics`; the trainer calls it on val every epoch and
+on test at the end.
 
 Keys are `<split>/<key>` for the headline (macro-averaged) value and `<split>/<key>/<class name>`
 per class (`metrics.per_class`):
@@ -17,7 +18,6 @@ per class (`metrics.per_class`):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torchmetrics.functional import classification as tmf
@@ -85,21 +85,3 @@ class ClassificationMetrics:
         if targets.dim() == 2:
             targets = targets.argmax(dim=1)
         return (logits.argmax(dim=1) == targets).float().mean()
-
-    def save_confusion_matrix(self, logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str] | None,
-                              path: str | Path) -> Path:
-        """A PNG of the single-label confusion matrix: rows the true class, columns the predicted one."""
-        from matplotlib.figure import Figure  # pyplot-free: no GUI backend in training jobs
-        from torchmetrics.utilities.plot import plot_confusion_matrix
-
-        from vitsweep.viz import save_figure
-
-        if self.multi_label:
-            raise ValueError("a confusion matrix needs one class per image; multi_label=true has none")
-        num_classes = logits.shape[1]
-        confmat = tmf.multiclass_confusion_matrix(logits.float(), labels, num_classes=num_classes)  # (K, K)
-        side = max(4.0, 0.5 * num_classes + 2)
-        fig = Figure(figsize=(side, side), layout="constrained")
-        plot_confusion_matrix(confmat.cpu(), ax=fig.subplots(),
-                              labels=list(class_names) if class_names else None)
-        return save_figure(fig, path)

@@ -1,4 +1,6 @@
-"""See what the ViT attends to: attention maps, attention rollout, and figures of them."""
+"""Look inside a trained ViT: attention maps and rollout (`attention`), captum explanations
+(`explain`), their figures and the confusion matrix (`figures`), and the end-of-run report that the
+`viz` config group builds (`report`)."""
 
 from vitsweep.viz.attention import (
     attention_rollout,
@@ -8,6 +10,8 @@ from vitsweep.viz.attention import (
 )
 from vitsweep.viz.figures import (
     attention_figure,
+    confusion_matrix_figure,
+    explanation_figure,
     heatmaps_figure,
     image_to_rgb,
     save_figure,
@@ -18,6 +22,8 @@ __all__ = [
     "attention_figure",
     "attention_rollout",
     "collect_attentions",
+    "confusion_matrix_figure",
+    "explanation_figure",
     "heatmaps_figure",
     "image_to_rgb",
     "patch_attention_maps",

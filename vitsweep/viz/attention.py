@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
+from vitsweep.model.attention import record_attention
+
 
 @contextmanager
 def eval_mode(model: torch.nn.Module):
@@ -26,8 +28,9 @@ def eval_mode(model: torch.nn.Module):
 def collect_attentions(model, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits (B, num_classes) and the attention probabilities of every layer, each (B, nh, N, N),
     for a batch of images (B, C, H, W), in eval mode."""
-    with eval_mode(model):
-        return model(images, return_attention=True)
+    with eval_mode(model), record_attention(model) as attentions:
+        logits = model(images)
+    return logits, attentions
 
 
 def patch_attention_maps(attentions: list[torch.Tensor], num_prefix_tokens: int,

@@ -1,4 +1,5 @@
-"""Matplotlib figures of attention maps and attributions, laid over the input image.
+"""Matplotlib figures: attention maps and attributions laid over the input image, and the confusion
+matrix of a split.
 
 Figures are built with `matplotlib.figure.Figure` directly, not pyplot: no GUI backend, no global
 figure registry to leak from, safe in headless training jobs. `wandb.Image(fig)` logs them as they
@@ -22,6 +23,7 @@ from vitsweep.viz.attention import (
     patch_attention_maps,
     rollout_patch_map,
 )
+from vitsweep.viz.explain import explain
 
 PANEL_INCHES = 2.2
 
@@ -151,6 +153,40 @@ def heatmaps_figure(images: torch.Tensor, heatmaps: dict[str, torch.Tensor], tit
         draw_overlay(axes[row, 0], rgb, None, titles[row] if titles is not None else "input")
         for col, name in enumerate(names, start=1):
             draw_overlay(axes[row, col], rgb, heatmaps[name][row], name)
+    return fig
+
+
+def explanation_figure(model, images: torch.Tensor, methods: Sequence[str] = ("saliency", "ig", "gradcam", "rollout"),
+                       labels: torch.Tensor | Sequence[int] | None = None, class_names: Sequence[str] | None = None,
+                       targets: torch.Tensor | Sequence[int] | None = None, rgb_bands=None, mean=None,
+                       std=None) -> Figure:
+    """Rows: images (B, C, H, W); columns: the input (titled with predicted and true label) and one
+    patch-grid heatmap per method (vitsweep.viz.explain), explaining `targets` (default: the
+    predicted class)."""
+    device = next(model.parameters()).device
+    logits, _ = collect_attentions(model, images.to(device))
+    if targets is None:
+        targets = logits.argmax(dim=-1)
+    heatmaps = explain(model, images, targets, list(methods))
+    titles = [prediction_title(logits[i], None if labels is None else int(labels[i]), class_names)
+              for i in range(images.shape[0])]
+    return heatmaps_figure(images.cpu(), heatmaps, titles, rgb_bands=rgb_bands, mean=mean, std=std)
+
+
+def confusion_matrix_figure(logits: torch.Tensor, labels: torch.Tensor,
+                            class_names: Sequence[str] | None = None) -> Figure:
+    """The single-label confusion matrix of (N, K) logits against (N,) class indices: rows the true
+    class, columns the predicted one (torchmetrics' matrix and its plot)."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+    from torchmetrics.utilities.plot import plot_confusion_matrix
+
+    if labels.dim() != 1:
+        raise ValueError("a confusion matrix needs one class per image; multi-hot labels have none")
+    num_classes = logits.shape[1]
+    confmat = multiclass_confusion_matrix(logits.float(), labels, num_classes=num_classes)  # (K, K)
+    side = max(4.0, 0.5 * num_classes + 2)
+    fig = Figure(figsize=(side, side), layout="constrained")
+    plot_confusion_matrix(confmat.cpu(), ax=fig.subplots(), labels=list(class_names) if class_names else None)
     return fig
 
 

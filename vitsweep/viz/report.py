@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vitsweep.explain import EXPLAINERS, explanation_figure
-from vitsweep.viz.figures import save_figure, visualize_attention
+from vitsweep.viz.explain import EXPLAINERS
+from vitsweep.viz.figures import explanation_figure, save_figure, visualize_attention
 
 SPLITS = ("train", "val", "test")
 

@@ -63,8 +63,8 @@ def gradcam(model, images, targets, block: int = -1) -> torch.Tensor:
     and their Grad-CAM is blank. Entering it, they reach the cls token through its attention (the
     choice pytorch-grad-cam makes with `blocks[-1].norm1`). Mean pooling works either way.
 
-    The glue: a Block returns a tuple (tokens, attention) and captum's LayerGradCam wants a layer
-    whose output is one (B, C, h, w) tensor. A forward pre-hook on the block reshapes its input
+    The glue: a block's input is a token sequence (B, N, D), and captum's LayerGradCam wants a layer
+    whose output is a (B, C, h, w) feature map (it averages gradients over the axes after C). A forward pre-hook on the block reshapes its input
     patch tokens into a grid, passes the grid through an identity `tap` module that captum hooks, and
     flattens it back, so the network computes exactly what it did and captum sees a feature map.
     """
@@ -72,11 +72,11 @@ def gradcam(model, images, targets, block: int = -1) -> torch.Tensor:
     tap = nn.Identity()
 
     def route_through_grid(module, args):
-        tokens, *rest = args  # tokens: (B, N, D)
+        (tokens,) = args  # (B, N, D)
         batch, _, dim = tokens.shape
         grid = tokens[:, prefix:].transpose(1, 2).reshape(batch, dim, grid_h, grid_w)  # (B, D, gh, gw)
         patches = tap(grid).flatten(2).transpose(1, 2)  # (B, P, D)
-        return (torch.cat([tokens[:, :prefix], patches], dim=1), *rest)
+        return (torch.cat([tokens[:, :prefix], patches], dim=1),)
 
     handle = model.blocks[block].register_forward_pre_hook(route_through_grid)
     try:
