@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from vitsweep.task import run  # imported here so `--help` and config errors answer instantly
+    from vitsweep.modes import run  # imported here so `--help` and config errors answer instantly
 
     return run(cfg)
 

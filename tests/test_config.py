@@ -10,6 +10,15 @@ from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SKIP_GROUPS = {"hydra", "paths"}  # hydra's own settings; paths has one option
+# options that ask for values on the command line (`???`), and values that satisfy them
+REQUIRED = {
+    ("data", "imagefolder"): ["data.root=/nonexistent"],  # never read by composition
+    ("data", "csv"): ["data.root=/nonexistent"],
+    ("data", "datamodule"): ["data.source={_target_:vitsweep.data.synthetic.load_synthetic}", "data.image_size=16",
+                             "data.in_channels=3", "data.num_classes=4"],
+    ("model", "vit"): ["model.patch_size=4", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+                       "model.mlp_dim=64"],
+}
 
 
 def group_options():
@@ -43,9 +52,7 @@ def test_default_config_composes_and_lists_groups():
 
 @pytest.mark.parametrize("group,option", sorted(set(group_options())))
 def test_every_option_composes(group, option):
-    overrides = [f"{group}={option}"]
-    if group == "data" and option in ("imagefolder", "csv"):
-        overrides.append("data.root=/nonexistent")  # required, and never read by composition
+    overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
     cfg = composed(overrides)
     OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     if group.startswith("model"):

@@ -15,7 +15,7 @@ from vitsweep.data.synthetic import load_synthetic
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.loss import BinaryCrossEntropy, CrossEntropy, FocalLoss, resolve_class_weights
 from vitsweep.metrics import ClassificationMetrics
-from vitsweep.models import VisionTransformer
+from vitsweep.model import VisionTransformer
 from vitsweep.optimizer import build_optimizer
 from vitsweep.scheduler import constant
 from vitsweep.trainer import Trainer

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_RUN, read_metrics, read_summary, run_cli
 
 from vitsweep.logger.wandb_offline import find_offline_runs, read_offline_run
-from vitsweep.models import VisionTransformer
+from vitsweep.model import VisionTransformer
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,32 @@ def test_bad_input_fails_with_one_line(tmp_path, case):
     if case != "mode":
         assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
 
+
+
+@pytest.mark.slow
+def test_run_log_keeps_every_console_line_and_progress_is_periodic_lines_off_a_terminal(tmp_path):
+    # progress_bar=auto with stdout/stderr captured (not a terminal): log lines instead of a redrawn bar
+    proc = run_cli([*TINY_RUN, "logger=none", "trainer.max_epochs=2", "trainer.progress_bar=auto",
+                    "trainer.progress_interval_s=0", "trainer.log_every_n_steps=1"], tmp_path)
+    log_text = (tmp_path / "run" / "run.log").read_text()
+    assert "flattened_patch_dim" in log_text  # the model summary
+    assert "epoch 0: train/loss" in log_text and "epoch 1: train/loss" in log_text
+    assert "best checkpoint: " in log_text and "test/acc" in log_text
+    assert "epoch 0 [1/8] loss" in log_text and "eta" in log_text  # 256 images / batch 32: 8 steps
+    assert "\r" not in proc.stdout + proc.stderr  # no bar redraws in a console log
+    # a failing job writes its error there too
+    failed = run_cli([*TINY_RUN, "logger=none", "model.patch_size=5"], tmp_path / "bad", check=False)
+    assert failed.returncode == 2
+    assert "error: model.patch_size=5" in (tmp_path / "bad" / "run" / "run.log").read_text()
+
+
+@pytest.mark.slow
+def test_data_datamodule_takes_a_loader_of_your_own(tmp_path):
+    loader = "{_target_:vitsweep.data.synthetic.load_synthetic,image_size:12,in_channels:2,num_classes:3}"
+    args = [arg for arg in TINY_RUN if arg != "data=synthetic"]
+    run_cli([*args, "logger=none", "data=datamodule", f"data.source={loader}", "data.image_size=12",
+             "data.in_channels=2", "data.num_classes=3"], tmp_path)
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "completed" and "test/acc" in summary["metrics"]
+    weights = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert weights["patch_embed.proj.weight"].shape[1] == 2 and weights["head.weight"].shape[0] == 3

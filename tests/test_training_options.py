@@ -15,7 +15,7 @@ from vitsweep.data import DataModule
 from vitsweep.data.synthetic import load_synthetic
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.loss import CrossEntropy
-from vitsweep.models import VisionTransformer
+from vitsweep.model import VisionTransformer
 from vitsweep.optimizer import build_optimizer
 from vitsweep.scheduler import OneCycle, constant, cosine, step
 from vitsweep.trainer import Trainer

@@ -10,7 +10,7 @@ class CSVLogger:
     def __init__(self, filename: str = "metrics.csv"):
         self.filename, self.rows, self.path = filename, [], None
 
-    def start(self, config: dict, run_info: dict, job_dir: Path) -> None:
+    def start(self, config: dict, job, job_dir: Path) -> None:
         self.path = Path(job_dir) / self.filename
 
     def log(self, metrics: dict, step: int, epoch: int) -> None:

@@ -30,11 +30,14 @@ class RunLogger:
         # open for the whole job, line-buffered so a killed job keeps every line; closed in finish()
         self.metrics_file = open(self.job_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         self.summary = {"status": "running", "error": None, "metrics": {}, **(summary or {})}
+        self.run_id: str | None = None  # the backend's id of this run (W&B), stored in checkpoints to resume it
         self.write_summary()
 
-    def start_backend(self, config: dict, run_info: dict) -> None:
+    def start_backend(self, config: dict, job) -> None:
+        """Open the backend's run for `job` (a vitsweep.job.JobRecord: its name, group, tags, and the
+        run id to resume); a backend that has run ids returns this one's."""
         if self.backend is not None:
-            self.backend.start(config=config, run_info=run_info, job_dir=self.job_dir)
+            self.run_id = self.backend.start(config=config, job=job, job_dir=self.job_dir)
 
     def log(self, metrics: dict[str, float], step: int, epoch: int) -> None:
         record = {"step": step, "epoch": epoch, "time_s": round(time.time() - self.start_time, 3)}

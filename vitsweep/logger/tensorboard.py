@@ -9,7 +9,7 @@ class TensorBoardLogger:
     def __init__(self, subdir: str = "tensorboard"):
         self.subdir, self.writer = subdir, None
 
-    def start(self, config: dict, run_info: dict, job_dir: Path) -> None:
+    def start(self, config: dict, job, job_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(Path(job_dir) / self.subdir))

@@ -43,18 +43,19 @@ class WandbLogger:
         self.mode = mode if mode != "auto" else (os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline"))
         self.run = None
 
-    def start(self, config: dict, run_info: dict, job_dir: Path) -> None:
+    def start(self, config: dict, job, job_dir: Path) -> str:
+        """Open the W&B run of `job` (a vitsweep.job.JobRecord) and return its id."""
         import wandb
 
         self.run = wandb.init(
             project=self.project, entity=self.entity, mode=self.mode, dir=str(job_dir),
-            group=self.group or run_info.get("group"), name=self.name or run_info.get("name"),
-            tags=self.tags + run_info.get("tags", []), notes=self.notes,
-            config={**config, **override_values(run_info.get("overrides", []), config)},
-            id=run_info.get("wandb_id"), resume="allow" if run_info.get("wandb_id") else None,
+            group=self.group or job.group, name=self.name or job.name,
+            tags=self.tags + job.tags, notes=self.notes,
+            config={**config, **override_values(job.overrides, config)},
+            id=job.resume_run_id, resume="allow" if job.resume_run_id else None,
             reinit="finish_previous",  # a multirun job never writes into the previous job's run
         )
-        run_info["wandb_id"] = self.run.id
+        return self.run.id
 
     def log(self, metrics: dict, step: int, epoch: int) -> None:
         self.run.log({**metrics, "epoch": epoch, "trainer/step": step})

@@ -75,3 +75,12 @@ def check_architecture(model: torch.nn.Module, state_dict: dict, ckpt_path) -> N
         ]))
         raise ValueError(f"ckpt_path={ckpt_path} was written by a model of another architecture ({detail}): "
                          f"use the same model and data config as the run that wrote it")
+
+
+def restore(model: torch.nn.Module, path: str | Path, map_location="cpu") -> dict:
+    """Load the checkpoint at `path`, check that `model` has its architecture, and load its weights
+    into `model`. Returns the whole checkpoint (optimizer, scheduler, RNG states, config, ...)."""
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    check_architecture(model, checkpoint["model"], path)
+    model.load_state_dict(checkpoint["model"])
+    return checkpoint

@@ -11,6 +11,7 @@ the epoch, and resumes from exactly there.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -20,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from timm.utils import ModelEmaV3
-from tqdm import tqdm
 
 from vitsweep.metrics import ClassificationMetrics
 from vitsweep.trainer.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from vitsweep.trainer.progress import Progress, use_bar
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -56,7 +59,8 @@ class Trainer:
     def __init__(self, max_epochs: int = 10, max_time: float | None = None, device: str = "auto",
                  precision: str = "auto", compile: str | bool = "auto", gradient_clip_val: float | None = 1.0,
                  accumulate_grad_batches: int = 1, monitor: str = "val/acc", monitor_mode: str = "max",
-                 log_every_n_steps: int = 50, progress_bar: bool = True, ema_decay: float | None = None,
+                 log_every_n_steps: int = 50, progress_bar: bool | str = "auto",
+                 progress_interval_s: float | None = 30.0, ema_decay: float | None = None,
                  metrics: ClassificationMetrics | None = None):
         if monitor_mode not in ("max", "min"):
             raise ValueError(f"trainer.monitor_mode={monitor_mode!r} is not one of: max, min")
@@ -72,7 +76,8 @@ class Trainer:
         self.compile = (self.device.type == "cuda") if compile == "auto" else bool(compile)
         self.gradient_clip_val, self.accumulate = gradient_clip_val, accumulate_grad_batches
         self.monitor, self.monitor_mode = monitor, monitor_mode
-        self.log_every_n_steps, self.progress_bar = log_every_n_steps, progress_bar
+        self.log_every_n_steps = log_every_n_steps
+        self.progress_bar, self.progress_interval_s = use_bar(progress_bar), progress_interval_s
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ValueError(f"trainer.ema_decay={ema_decay} must be in (0, 1), e.g. 0.999, or null for no EMA")
         self.ema_decay = ema_decay
@@ -93,10 +98,9 @@ class Trainer:
         return value > best if self.monitor_mode == "max" else value < best
 
     @torch.inference_mode()
-    def evaluate(self, model, data, split: str, loss_fn,
-                 confusion_matrix_png: Path | None = None) -> dict[str, float]:
-        """Loss and metrics of `model` on a split; with `confusion_matrix_png` (single-label), also
-        write the confusion matrix there."""
+    def evaluate(self, model, data, split: str, loss_fn, return_outputs: bool = False):
+        """Loss and metrics of `model` on a split; with `return_outputs`, also the logits (N, K) and
+        labels it scored them on (for figures such as the confusion matrix)."""
         model.eval()
         logits_all, labels_all = [], []
         for images, labels in data.eval_batches(split, all_views=True):
@@ -105,10 +109,9 @@ class Trainer:
             logits_all.append(logits.view(len(labels), -1, logits.shape[-1]).mean(1))  # average each image's views
             labels_all.append(labels)
         logits, labels = torch.cat(logits_all), torch.cat(labels_all)
-        if confusion_matrix_png is not None and not self.metrics.multi_label:
-            self.metrics.save_confusion_matrix(logits, labels, data.class_names, confusion_matrix_png)
-        return {f"{split}/loss": loss_fn(logits, labels).item(),
-                **self.metrics(logits, labels, split, class_names=data.class_names)}
+        metrics = {f"{split}/loss": loss_fn(logits, labels).item(),
+                   **self.metrics(logits, labels, split, class_names=data.class_names)}
+        return (metrics, logits, labels) if return_outputs else metrics
 
     def fit(self, model, data, augment, loss_fn, optimizer, scheduler, logger, ckpt_dir: Path, seed: int,
             checkpoint_extra: dict, resume_state: dict | None = None) -> FitResult:
@@ -162,8 +165,8 @@ class Trainer:
             skip_batches = 0
             epoch_loss, epoch_acc, epoch_images = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
             window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.time()
-            bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}",
-                       disable=not self.progress_bar, leave=False, dynamic_ncols=True)
+            progress = Progress(steps_per_epoch, batch_in_epoch, f"epoch {epoch}", self.progress_bar,
+                                self.progress_interval_s)
             for micro_step, (images, targets) in enumerate(batches):
                 images, targets = augment(images, targets)
                 with self.autocast():
@@ -200,15 +203,15 @@ class Trainer:
                     lr = optimizer.param_groups[0]["lr"]
                     logger.log({"train/loss_step": mean_loss, "lr": lr, "train/images_per_s": images_per_s},
                                step=step, epoch=epoch)
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{(epoch_acc / max(epoch_images, 1)).item():.3f}",
-                                    img_s=f"{images_per_s:.0f}", lr=f"{lr:.2e}")
+                    progress.set_values(loss=f"{mean_loss:.3f}", acc=f"{(epoch_acc / max(epoch_images, 1)).item():.3f}",
+                                        img_s=f"{images_per_s:.0f}", lr=f"{lr:.2e}")
                     window_loss.zero_()
                     window_steps, window_start = 0, time.time()
-                bar.update(1)
+                progress.update(1)
                 if self.max_time is not None and time.time() - start_time > self.max_time:
                     stopped_by_time = batch_in_epoch < steps_per_epoch
                     break
-            bar.close()
+            progress.close()
 
             epoch_done = not stopped_by_time
             metrics = {"train/loss": (epoch_loss / max(epoch_images, 1)).item(),
@@ -217,9 +220,9 @@ class Trainer:
             if self.monitor not in metrics:
                 raise ValueError(f"trainer.monitor={self.monitor!r} is not a logged metric: pick one of {sorted(metrics)}")
             logger.log(metrics, step=step, epoch=epoch)
-            print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                 if k.count("/") < 2)  # per-class values: jsonl and logger only
-                  + f"  ({time.time() - start_time:.0f}s)", flush=True)
+            log.info("epoch %d: %s  (%.0fs)", epoch, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                           if k.count("/") < 2),  # per-class: jsonl and logger
+                     time.time() - start_time)
             if self.improved(metrics[self.monitor], best_value):
                 best_value, best_epoch, best_metrics = metrics[self.monitor], epoch, metrics
                 checkpoint("best.pt", epoch + epoch_done, 0)

@@ -1,0 +1,215 @@
+"""Job bookkeeping around every mode, so that each job ends cleanly (lightning-hydra-template's
+`task_wrapper`): who the job is (`JobRecord`), skipping or resuming an earlier attempt (`resume=true`,
+SLURM requeue), threads per job, the run record's lifecycle, and the failure policy:
+
+- bad input (a ValueError, a missing file, a NaN loss): one `error:` line, exit 2, no traceback;
+- any job that fails: its summary.json says failed with the reason, its W&B run ends with exit code 1;
+- in a multirun the failed job is recorded and the sweep goes on (it returns NaN; under Optuna it
+  raises, and the study records a FAIL trial).
+
+What each mode does is in `vitsweep.modes`; this module does not import it (the modes come in as an
+argument), so the two can be read apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+from vitsweep.logger.run_logger import RunLogger
+from vitsweep.model.pretrained import PretrainedLoadError
+
+log = logging.getLogger(__name__)
+
+# bad input: one line, no traceback (PretrainedLoadError: model.pretrained can't be fetched or fitted)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, PretrainedLoadError)
+
+Mode = Callable[[DictConfig, "JobRecord", RunLogger], "float | None"]
+
+
+class UserError(SystemExit):
+    """A refusal before any work: printed as one `error:` line, exit code 2."""
+
+    def __init__(self, message: str):
+        log.error("error: %s", message)
+        super().__init__(2)
+
+
+@dataclass
+class JobRecord:
+    """Where this job lives and how it differs from the defaults (for names, groups and tags)."""
+
+    job_dir: Path
+    overrides: list[str]  # this job's command-line overrides, resume=... left out
+    multirun: bool
+    group: str | None  # one W&B group per sweep
+    name: str
+    tags: list[str]
+    sweeper: str  # the Hydra sweeper's _target_ (the failure policy differs under Optuna)
+    resume_run_id: str | None = None  # the W&B run a resumed training job continues
+
+    @classmethod
+    def from_hydra(cls, cfg: DictConfig) -> JobRecord:
+        hydra_cfg = HydraConfig.get()
+        # resume=true says how to run the job, not what it is: a resumed job keeps its name, tags and identity
+        overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        # outputs/multirun/<date>/<time> -> "<date>_<time>": one W&B group per sweep, unique across days
+        sweep_name = "_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None
+        return cls(
+            job_dir=Path(hydra_cfg.runtime.output_dir),
+            overrides=overrides,
+            multirun=multirun,
+            group=f"{cfg.task_name}-{sweep_name}" if multirun else None,
+            name=",".join(overrides) or "defaults",
+            tags=[o for o in overrides if not o.startswith(("ckpt_path=", "hydra."))][:64],
+            sweeper=hydra_cfg.sweeper.get("_target_", ""),
+        )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.job_dir / "checkpoints"
+
+
+# ------------------------------------------------------------------------------ earlier attempts
+
+def resumed_run_id(cfg: DictConfig) -> str | None:
+    """The W&B run id stored in the checkpoint a training run resumes from: the run goes on in W&B too."""
+    if cfg.mode != "train" or not cfg.ckpt_path or not Path(cfg.ckpt_path).is_file():
+        return None  # a bad ckpt_path is reported by the mode, with the backend run already open
+    try:
+        return torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("wandb_id")
+    except Exception:  # noqa: BLE001 -- the mode reports an unreadable checkpoint clearly
+        return None
+
+
+def requeued_by_slurm() -> bool:
+    """A SLURM job that was preempted or timed out and requeued (submitit does that) resumes itself."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def earlier_attempt(job_dir: Path, overrides: list[str]) -> dict | None:
+    """The summary.json that an earlier run of this same job left in its job dir, or None if none ran."""
+    path = job_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if sorted(summary.get("overrides") or []) != sorted(overrides):
+        other_job = " ".join(summary.get("overrides") or [])
+        raise UserError(f"resume=true, but {job_dir} holds another job ({other_job}): resume with the command "
+                        f"and hydra.sweep.dir of the sweep that wrote it")
+    return summary
+
+
+def resume(cfg: DictConfig, job: JobRecord) -> float | None:
+    """resume=true: skip a job that completed before (returning its stored best value, so a sweeper
+    still gets its number) or point ckpt_path at the last.pt of one that stopped early. Must run
+    before the RunLogger rewrites summary.json with status "running"."""
+    summary = earlier_attempt(job.job_dir, job.overrides)
+    if summary is None:
+        return None
+    if summary.get("status") == "completed":
+        best = summary.get("best_value")
+        log.info("[resume] %s completed before: skipped (%s best %s)", job.job_dir, summary.get("monitor"), best)
+        return float("nan") if best is None else float(best)
+    last = job.checkpoint_dir / "last.pt"
+    if last.is_file() and not cfg.ckpt_path:
+        cfg.ckpt_path = str(last)
+        log.info("[resume] %s stopped early (%s): continuing from %s", job.job_dir, summary.get("status"), last)
+    return None
+
+
+class PrepareSweepDir(Callback):
+    """Hydra callback of the Optuna searches (conf/hparams_search/): Optuna opens its SQLite study in the
+    sweep dir before any job has created that dir, so create it first. With resume=true, set the earlier
+    study aside (optuna.db -> optuna.<time>.db): the seeded sampler then asks the same trials again, the
+    completed ones are skipped with their stored values, and the new study ends up whole."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        storage = str(OmegaConf.select(config, "hydra.sweeper.storage", default=None) or "")
+        study_file = Path(storage.removeprefix("sqlite:///"))
+        if config.get("resume") and storage.startswith("sqlite:///") and study_file.is_file():
+            set_aside = study_file.with_name(f"{study_file.stem}.{time.strftime('%Y%m%d-%H%M%S')}.db")
+            study_file.rename(set_aside)
+
+
+# -------------------------------------------------------------------------------- the job itself
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The ValueError/FileNotFoundError behind a Hydra InstantiationException, if that is what it is."""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    if isinstance(err, InterpolationToMissingValueError):  # e.g. model.image_size: ${data.image_size}, unset
+        missing = re.search(r"Missing mandatory value: (\S+)", err.msg)
+        key = missing.group(1) if missing else err.full_key
+        return ValueError(f"{key} has no value: set it on the command line ({key}=...)")
+    if isinstance(err, MissingMandatoryValue):
+        return ValueError(f"{err.full_key} has no value: set it on the command line ({err.full_key}=...)")
+    return err if isinstance(err, USER_ERRORS) else None
+
+
+def set_threads(cfg: DictConfig) -> None:
+    """Jobs running side by side share the machine's cores: `threads`, else a submitit launcher's
+    cpus_per_task (joblib's workers need neither: loky limits each to cores / n_jobs)."""
+    cpus_per_task = OmegaConf.select(HydraConfig.get(), "launcher.cpus_per_task", default=None)
+    threads = cfg.get("threads") or cpus_per_task
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
+    """One Hydra job: `modes[cfg.mode]` wrapped in the bookkeeping above. Returns the monitored metric
+    (for sweepers); NaN when a multirun job failed (under Optuna the failure is raised instead)."""
+    if cfg.mode not in modes:
+        raise UserError(f"mode={cfg.mode} is not one of: {', '.join(modes)}")
+    job = JobRecord.from_hydra(cfg)
+    if cfg.mode == "train" and (cfg.get("resume") or requeued_by_slurm()):
+        stored_value = resume(cfg, job)
+        if stored_value is not None:
+            return stored_value
+    set_threads(cfg)
+    logger = RunLogger(job.job_dir, backend=instantiate(cfg.logger) if cfg.get("logger") else None, summary={
+        "monitor": cfg.trainer.monitor, "monitor_mode": cfg.trainer.monitor_mode, "best_value": None,
+        "best_epoch": None, "overrides": job.overrides, "seed": cfg.seed, "mode": cfg.mode,
+        "job_dir": str(job.job_dir), "run_name": job.name, "group": job.group,
+        "threads": torch.get_num_threads(),
+    })
+    try:
+        # the backend run starts before anything is built, so a job that fails early still shows as failed
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        job.resume_run_id = resumed_run_id(cfg)
+        logger.start_backend(config={**config, "overrides": job.overrides}, job=job)
+        value = modes[cfg.mode](cfg, job, logger)
+    except BaseException as err:
+        bad_input = user_error(err)
+        message = f"{type(bad_input or err).__name__}: {bad_input or err}"
+        logger.finish(status="failed", error=message)
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or submitit requeueing a preempted job
+            raise
+        if job.multirun:  # record and go on with the sweep
+            log.error("[job %s failed] %s", job.job_dir.name, message, exc_info=bad_input is None)
+            if "optuna" in job.sweeper.lower():
+                raise  # Optuna records a raising job as a FAIL trial, but a NaN value stops the whole search
+            return float("nan")
+        if bad_input is not None:
+            raise UserError(str(bad_input)) from None
+        log.exception("job failed: %s", message)  # the traceback, into run.log too
+        raise SystemExit(1) from None
+    logger.finish(status="completed")
+    return float("nan") if value is None else float(value)
