@@ -14,6 +14,8 @@ SKIP_GROUPS = {"hydra", "paths"}  # hydra's own settings; paths has one option
 REQUIRED = {
     ("data", "imagefolder"): ["data.root=/nonexistent"],  # never read by composition
     ("data", "csv"): ["data.root=/nonexistent"],
+    ("data", "maskfolder"): ["data.root=/nonexistent"],
+    ("task", "multi_task"): ["task.heads={riot:{type:classification,column:riot},crowd:{type:regression,column:n}}"],
     ("data", "datamodule"): ["data.source={_target_:vitsweep.data.synthetic.load_synthetic}", "data.image_size=16",
                              "data.in_channels=3", "data.num_classes=4"],
     ("model", "vit"): ["model.patch_size=4", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
@@ -62,7 +64,7 @@ def test_every_option_composes(group, option):
         import torch
         optimizer = instantiate(cfg.optimizer, model=torch.nn.Linear(2, 2))
         assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
-    elif group in ("loss", "augment", "trainer") or (group == "logger" and cfg.get("logger")):
+    elif group in ("loss", "augment", "trainer", "task") or (group == "logger" and cfg.get("logger")):
         assert instantiate(cfg[group]) is not None
 
 

@@ -60,12 +60,13 @@ def test_every_data_strategy_option_trains(strategy_sweep, option):
     assert jobs and all(completed(job) for job in jobs), [job["error"] for job in jobs]
 
 
-def test_unbuilt_label_granularity_fails_with_one_clear_line(strategy_sweep):
+def test_patch_labels_with_a_classification_task_fail_with_one_clear_line(strategy_sweep):
     failed = [s for key, s in strategy_sweep.items() if "data.label_granularity=patch" in key.split()]
     assert len(failed) == 2
     for job in failed:
         assert job["status"] == "failed" and "\n" not in job["error"]
-        assert job["error"].startswith("ValueError: data.label_granularity=patch is not built yet: only image")
+        assert job["error"].startswith("ValueError: data.label_granularity=patch: task=classification learns one "
+                                       "label per image; patch and pixel labels go with task=segmentation")
 
 
 def multispectral_tiles(root, bands=5, size=12):

@@ -15,6 +15,7 @@ from vitsweep.data import DataModule, Split, Splits
 from vitsweep.data.datamodule import channel_stats, trained_normalization
 from vitsweep.data.digits import load_digits
 from vitsweep.data.splits import carve_validation
+from vitsweep.task import Classification, Segmentation
 from vitsweep.trainer.checkpoint import capture_rng_state, restore_rng_state
 from vitsweep.trainer.loop import Trainer, seed_everything
 
@@ -94,7 +95,9 @@ def test_tiled_evaluation_averages_the_logits_of_each_image_views():
                       eval_batch_size=12)
     trainer = Trainer(device="cpu", progress_bar=False)
     loss_fn = nn.CrossEntropyLoss()
-    metrics = trainer.evaluate(MeanPixelModel(), data, "test", loss_fn)
+    task = Classification(loss=loss_fn, num_classes=4)
+    task.setup_task(data, model=None)
+    metrics = trainer.evaluate(MeanPixelModel(), data, "test", task)
     stored = data.normalize(data.to_float(source.test.images))
     view_means = torch.stack([stored[:, :, t:t + 12, l:l + 12].mean(dim=(1, 2, 3)) for t in (0, 4) for l in (0, 4)])
     logits = view_means.mean(0)[:, None] * torch.arange(1, 5)
@@ -261,11 +264,16 @@ def test_balance_class_without_members_fails():
 # ---- label_granularity, metadata --------------------------------------------------------------------------
 
 
-def test_label_granularity_image_only():
-    assert DataModule(splits(), image_size=16, in_channels=3, num_classes=4, label_granularity="image")
-    for value in ("patch", "pixel"):
-        with pytest.raises(ValueError, match=f"data.label_granularity={value} is not built yet: only image"):
-            DataModule(splits(), image_size=16, in_channels=3, num_classes=4, label_granularity=value)
+def test_label_granularity_values_and_the_tasks_they_fit():
+    for value in ("auto", "image", "patch", "pixel"):
+        assert DataModule(splits(), image_size=16, in_channels=3, num_classes=4, label_granularity=value)
+    with pytest.raises(ValueError, match="data.label_granularity=voxel is not one of: auto, image, patch, pixel"):
+        DataModule(splits(), image_size=16, in_channels=3, num_classes=4, label_granularity="voxel")
+    for value in ("patch", "pixel"):  # a class per image cannot be learnt at patch or pixel level
+        with pytest.raises(ValueError, match=f"data.label_granularity={value}: task=classification learns one"):
+            Classification(num_classes=4, granularity=value)
+    with pytest.raises(ValueError, match="data.label_granularity=image does not fit task=segmentation"):
+        Segmentation(num_classes=4, granularity="image")
 
 
 def test_metadata_travels_with_its_samples():

@@ -18,6 +18,7 @@ from vitsweep.metrics import ClassificationMetrics
 from vitsweep.model import VisionTransformer
 from vitsweep.optimizer import build_optimizer
 from vitsweep.scheduler import constant
+from vitsweep.task import Classification
 from vitsweep.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -136,7 +137,7 @@ def test_loss_configs_build_with_the_training_labels(name):
     cfg = OmegaConf.load(CONF / "loss" / f"{name}.yaml")
     cfg.num_classes, cfg.multi_label, cfg.class_weights = 2, False, "balanced"
     labels = torch.tensor([0, 0, 0, 1])
-    loss = instantiate(cfg, train_labels=labels)
+    loss = instantiate(cfg, train_labels=labels)()  # the loss group is a partial: the task completes it
     assert loss(torch.zeros(4, 2), labels).item() > 0
     assert resolve_class_weights("balanced", 2, labels)[1] > resolve_class_weights("balanced", 2, labels)[0]
 
@@ -156,14 +157,16 @@ def test_multi_label_training_learns_multi_hot_targets(tmp_path, loss_fn):
     optimizer = build_optimizer(model, name="adamw", lr=3e-3, weight_decay=0.0)
     metrics = ClassificationMetrics(names=["accuracy", "auroc", "f1"], multi_label=True)
     trainer = Trainer(max_epochs=6, device="cpu", precision="32", compile=False, progress_bar=False,
-                      monitor="val/auroc", metrics=metrics)
-    untrained = trainer.evaluate(model, data, "val", loss_fn)
+                      monitor="val/auroc")
+    task = Classification(loss=loss_fn, metrics=metrics, num_classes=3, multi_label=True)
+    task.setup_task(data, model)
+    untrained = trainer.evaluate(model, data, "val", task)
     logger = RunLogger(tmp_path / "job")
-    trainer.fit(model, data, lambda images, targets: (images, targets), loss_fn, optimizer,
+    trainer.fit(model, data, lambda images, targets: (images, targets), task, optimizer,
                 constant(optimizer, total_steps=72, steps_per_epoch=12), logger, tmp_path / "job" / "checkpoints",
                 seed=0, checkpoint_extra={})
     logger.finish("completed")
-    trained = trainer.evaluate(model, data, "val", loss_fn)
+    trained = trainer.evaluate(model, data, "val", task)
     assert trained["val/loss"] < untrained["val/loss"]
     assert trained["val/auroc"] > 0.95 and trained["val/auroc"] > untrained["val/auroc"] + 0.2
     assert trained["val/acc"] > untrained["val/acc"] + 0.5  # exact match: every label of an image right

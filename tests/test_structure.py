@@ -28,10 +28,12 @@ def is_type_checking_block(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
 
-def imported_modules(path: Path, modules: set[str]) -> set[str]:
+def imported_modules(path: Path, modules: set[str], importer: str = "") -> set[str]:
     """The vitsweep modules `path` imports at run time, anywhere in the file (lazy imports inside
     functions count; `if TYPE_CHECKING:` blocks do not). `from a.b import c` is an edge to a.b.c when
-    that is a module, else to a.b (the convention of import-linter)."""
+    that is a module, else to a.b (the convention of import-linter). Importing a.b.c also runs the
+    `__init__` of package a.b, so that is an edge too, unless a.b is the importer's own package (already
+    being imported when the importer runs)."""
     tree = ast.parse(path.read_text())
     skipped = {id(n) for block in ast.walk(tree) if is_type_checking_block(block) for n in ast.walk(block)}
     found = set()
@@ -43,12 +45,14 @@ def imported_modules(path: Path, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 found.add(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module)
-    return {name for name in found if name in modules}
+    own_packages = {importer.rsplit(".", k)[0] for k in range(1, importer.count(".") + 1)}
+    parents = {name.rsplit(".", k)[0] for name in found for k in range(1, name.count("."))}
+    return {name for name in found | (parents - own_packages) if name in modules}
 
 
 def import_graph() -> dict[str, set[str]]:
     files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
-    return {name: imported_modules(path, set(files)) - {name} for name, path in files.items()}
+    return {name: imported_modules(path, set(files), name) - {name} for name, path in files.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -83,8 +87,11 @@ def test_the_checker_finds_cycles_and_reads_imports(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("from typing import TYPE_CHECKING\nimport vitsweep.x\nfrom vitsweep.y import z, w\n"
                       "if TYPE_CHECKING:\n    from vitsweep.q import r\ndef f():\n    from vitsweep.p import s\n")
-    modules = {"vitsweep.x", "vitsweep.y", "vitsweep.y.z", "vitsweep.q", "vitsweep.p"}
-    assert imported_modules(source, modules) == {"vitsweep.x", "vitsweep.y.z", "vitsweep.y", "vitsweep.p"}
+    modules = {"vitsweep.x", "vitsweep.y", "vitsweep.y.z", "vitsweep.q", "vitsweep.p", "vitsweep.p.s"}
+    assert imported_modules(source, modules) == {"vitsweep.x", "vitsweep.y.z", "vitsweep.y", "vitsweep.p.s", "vitsweep.p"}
+    # a module of package p importing its sibling does not re-run p's __init__
+    assert imported_modules(source, modules, importer="vitsweep.p.t") == {"vitsweep.x", "vitsweep.y.z", "vitsweep.y",
+                                                                         "vitsweep.p.s"}
 
 
 def test_no_import_cycles_between_modules():

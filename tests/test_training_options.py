@@ -18,6 +18,7 @@ from vitsweep.loss import CrossEntropy
 from vitsweep.model import VisionTransformer
 from vitsweep.optimizer import build_optimizer
 from vitsweep.scheduler import OneCycle, constant, cosine, step
+from vitsweep.task import Classification
 from vitsweep.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -189,7 +190,7 @@ def fit(tmp_path: Path, name: str, max_epochs: int = 1, batch_size: int = 16, re
                                      num_test=24), image_size=8, in_channels=1, num_classes=3, batch_size=batch_size)
     model = model or tiny_model()
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])  # as task.py does
+        model.load_state_dict(resume_state["model"])  # as modes.train does
     optimizer = build_optimizer(model, name="adamw", lr=3e-3, weight_decay=0.05)
     if optimizer_hook is not None:
         optimizer_hook(optimizer, model)
@@ -198,7 +199,9 @@ def fit(tmp_path: Path, name: str, max_epochs: int = 1, batch_size: int = 16, re
                       **trainer_kwargs)
     job_dir = tmp_path / name
     logger = RunLogger(job_dir)
-    result = trainer.fit(model, data, lambda images, targets: (images, targets), CrossEntropy(), optimizer,
+    task = Classification(loss=CrossEntropy(), num_classes=3)
+    task.setup_task(data, model)
+    result = trainer.fit(model, data, lambda images, targets: (images, targets), task, optimizer,
                          scheduler, logger, job_dir / "checkpoints", seed=0, checkpoint_extra={},
                          resume_state=resume_state)
     logger.finish("completed")
@@ -257,8 +260,10 @@ def test_ema_follows_its_decay_and_is_what_gets_validated_and_saved(tmp_path):
     raw_model.load_state_dict(last["raw_model"])
     logged = [line for line in (job_dir / "metrics.jsonl").read_text().splitlines() if "val/loss" in line][-1]
     logged_loss = float(logged.split('"val/loss": ')[1].split(",")[0])
-    ema_loss = trainer.evaluate(ema_model, data, "val", CrossEntropy())["val/loss"]
-    raw_loss = trainer.evaluate(raw_model, data, "val", CrossEntropy())["val/loss"]
+    task = Classification(loss=CrossEntropy(), num_classes=3)
+    task.setup_task(data, model)
+    ema_loss = trainer.evaluate(ema_model, data, "val", task)["val/loss"]
+    raw_loss = trainer.evaluate(raw_model, data, "val", task)["val/loss"]
     assert logged_loss == pytest.approx(ema_loss, rel=1e-5) and ema_loss != pytest.approx(raw_loss, rel=1e-5)
 
 

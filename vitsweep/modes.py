@@ -20,51 +20,68 @@ from omegaconf import DictConfig, OmegaConf
 from vitsweep.data.datamodule import trained_normalization
 from vitsweep.job import JobRecord, run_job
 from vitsweep.logger.run_logger import RunLogger
-from vitsweep.trainer.checkpoint import restore
+from vitsweep.trainer.checkpoint import load_checkpoint, restore
 from vitsweep.trainer.loop import resolve_device, seed_everything
-from vitsweep.viz import confusion_matrix_figure, save_figure
+from vitsweep.viz import save_figure, split_figures
 
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: DictConfig, from_checkpoint: bool = False) -> torch.nn.Module:
-    """The model of cfg.model. `from_checkpoint`: every weight will come from ckpt_path, so the factory
-    does not load model.pretrained first (for timm:NAME that would be a download)."""
-    return instantiate(cfg.model, pretrained=None) if from_checkpoint else instantiate(cfg.model)
+def build_model(cfg: DictConfig, task, from_checkpoint: bool = False) -> torch.nn.Module:
+    """The model of cfg.model with the task's head(s). `from_checkpoint`: every weight will come from
+    ckpt_path, so the factory does not load model.pretrained first (for timm:NAME that would be a download)."""
+    args = task.model_args()
+    return instantiate(cfg.model, pretrained=None, **args) if from_checkpoint else instantiate(cfg.model, **args)
 
 
-def log_test_metrics(trainer, model, data, loss_fn, job: JobRecord, logger: RunLogger, step: int,
+def build_data(cfg: DictConfig, task, **overrides):
+    """The DataModule, its loader asked for the targets the task learns from."""
+    return instantiate(cfg.data, source={"targets": task.data_targets()}, **overrides)
+
+
+def model_and_data(cfg: DictConfig, task, from_checkpoint: bool = False, data_overrides: dict | None = None):
+    """Model and data, in that order when the task knows its head sizes from the config (a bad model
+    option then fails before any file is read), else the data first (a multi-task head whose class
+    count is its column's)."""
+    model = build_model(cfg, task, from_checkpoint) if task.heads_known() else None
+    data = build_data(cfg, task, **(data_overrides or {}))
+    if model is None:
+        task.count_classes(data)
+        model = build_model(cfg, task, from_checkpoint)
+    return model, data
+
+
+def log_test_metrics(trainer, model, data, task, job: JobRecord, logger: RunLogger, step: int,
                      epoch: int) -> dict[str, float]:
-    """Score the test split, log it, and draw the confusion matrix (single-label runs)."""
-    metrics, logits, labels = trainer.evaluate(model, data, "test", loss_fn, return_outputs=True)
+    """Score the test split, log it, and draw the task's figures of it (confusion matrix, scatter)."""
+    metrics, evaluator = trainer.evaluate(model, data, "test", task, return_evaluator=True)
     logger.log(metrics, step=step, epoch=epoch)
-    if labels.dim() == 1:
-        png = save_figure(confusion_matrix_figure(logits, labels, data.class_names), job.job_dir / "confusion_matrix.png")
-        logger.log_images({"test/confusion_matrix": png}, step=step)
+    figures = {f"test/{name}": save_figure(figure, job.job_dir / f"{name}.png")
+               for name, figure in split_figures(task, evaluator, data).items()}
+    logger.log_images(figures, step=step)
     return metrics
 
 
-def headline(metrics: dict[str, float]) -> str:
+def headline(metrics: dict[str, float], task) -> str:
     """'val/acc 0.9312  test/acc 0.9100 ...' without the per-class values (those are in metrics.jsonl)."""
-    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.count("/") < 2)
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if task.is_headline(k))
 
 
 def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     seed_everything(cfg.seed)  # the initial weights depend on the seed alone
-    model = build_model(cfg, from_checkpoint=bool(cfg.ckpt_path))  # cheap, fails fast before any data is read
+    task = instantiate(cfg.task)
+    model, data = model_and_data(cfg, task, from_checkpoint=bool(cfg.ckpt_path))
     if getattr(model, "load_report", None) is not None:
         logger.update_summary(pretrained=model.load_report.as_dict())
     figure_report = instantiate(cfg.viz)  # a bad viz option fails now, not after training
     figure_report.check(model)
     resume_state = restore(model, cfg.ckpt_path) if cfg.ckpt_path else None
-    data = instantiate(cfg.data)
+    task.setup_task(data, model)  # checks the targets, fits the task's statistics
     log.info("%s", model.summary())
     trainer = instantiate(cfg.trainer)
     model.to(trainer.device)
     data.to(trainer.device)
     augment = instantiate(cfg.augment).to(trainer.device)
-    # the training labels: for loss.class_weights=balanced, and to check multi_label against the data
-    loss_fn = instantiate(cfg.loss, train_labels=data.split("train").labels)
     optimizer = instantiate(cfg.optimizer, model=model)
     steps_per_epoch = data.steps_per_epoch() // cfg.trainer.accumulate_grad_batches  # optimizer steps
     scheduler = instantiate(cfg.scheduler, optimizer=optimizer, total_steps=cfg.trainer.max_epochs * steps_per_epoch,
@@ -72,11 +89,11 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"].update(data.normalization_stats())  # the mean/std in use (computed if normalization=auto)
     logger.update_summary(num_params=sum(p.numel() for p in model.parameters()),
-                          normalization=data.normalization_stats())
+                          normalization=data.normalization_stats(), task=task.kind)
 
-    result = trainer.fit(model, data, augment, loss_fn, optimizer, scheduler, logger, job.checkpoint_dir,
-                         seed=cfg.seed, checkpoint_extra={"config": config, "wandb_id": logger.run_id},
-                         resume_state=resume_state)
+    result = trainer.fit(model, data, augment, task, optimizer, scheduler, logger, job.checkpoint_dir,
+                         seed=cfg.seed, resume_state=resume_state,
+                         checkpoint_extra={"config": config, "wandb_id": logger.run_id, "task": task.task_state()})
     logger.update_summary(best_value=result.best_value, best_epoch=result.best_epoch,
                           epochs_completed=result.epochs_completed, steps=result.steps,
                           stopped_by_time=result.stopped_by_time)
@@ -84,31 +101,40 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     # the test split is scored once, with the best checkpoint; its val metrics come from fit()
     restore(model, job.checkpoint_dir / "best.pt", map_location=trainer.device)
     best_val = {k: v for k, v in (result.best_metrics or {}).items() if k.startswith("val/")}
-    test = log_test_metrics(trainer, model, data, loss_fn, job, logger, result.steps, result.epochs_completed)
+    test = log_test_metrics(trainer, model, data, task, job, logger, result.steps, result.epochs_completed)
     final = best_val | test
     logger.update_summary(metrics=final)
-    log.info("best checkpoint: %s", headline(final))
+    log.info("best checkpoint: %s", headline(final, task))
     if figure_report.enabled_at_end:  # attention and explanations of the best checkpoint, on fixed images
-        figures = figure_report.write_for(model, data, cfg.model.image_size, job.job_dir / "figures")
+        figures = figure_report.write_for(model, data, cfg.model.image_size, job.job_dir / "figures", task=task)
         logger.log_images(figures, step=result.steps)
         log.info("figures: %d PNGs in %s", len(figures), job.job_dir / "figures")
     return result.best_value
 
 
+def restore_task(task, state: dict) -> None:
+    """The task's statistics as the training run fitted them (regression targets' mean and std)."""
+    if state.get("task"):
+        task.load_task_state(state["task"])
+
+
 def evaluate(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     if not cfg.ckpt_path:
         raise ValueError("mode=eval needs ckpt_path=PATH (a last.pt or best.pt written by run.py)")
-    model = build_model(cfg, from_checkpoint=True)
-    state = restore(model, cfg.ckpt_path)
-    data = instantiate(cfg.data, **trained_normalization(state))  # normalization=auto: the training run's stats
-    logger.update_summary(normalization=data.normalization_stats())
+    task = instantiate(cfg.task)
+    state = load_checkpoint(cfg.ckpt_path)
+    model, data = model_and_data(cfg, task, from_checkpoint=True,
+                                 data_overrides=trained_normalization(state))  # normalization=auto: the run's stats
+    restore(model, cfg.ckpt_path, checkpoint=state)
+    task.setup_task(data, model)
+    restore_task(task, state)
+    logger.update_summary(normalization=data.normalization_stats(), task=task.kind)
     trainer = instantiate(cfg.trainer)
     model.to(trainer.device)
     data.to(trainer.device)
-    loss_fn = instantiate(cfg.loss, train_labels=data.split("train").labels)
-    metrics = log_test_metrics(trainer, model, data, loss_fn, job, logger, state.get("step", 0), state.get("epoch", 0))
+    metrics = log_test_metrics(trainer, model, data, task, job, logger, state.get("step", 0), state.get("epoch", 0))
     logger.update_summary(metrics=metrics)
-    log.info("%s", headline(metrics))
+    log.info("%s", headline(metrics, task))
     return metrics.get(cfg.trainer.monitor.replace("val/", "test/"))
 
 
@@ -118,13 +144,16 @@ def visualize(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> None:
     if not cfg.ckpt_path:
         raise ValueError("mode=visualize needs ckpt_path=PATH (a last.pt or best.pt written by run.py)")
     figure_report = instantiate(cfg.viz)
-    model = build_model(cfg, from_checkpoint=True)
-    state = restore(model, cfg.ckpt_path)
-    data = instantiate(cfg.data, **trained_normalization(state))  # normalization=auto: the training run's stats
+    task = instantiate(cfg.task)
+    state = load_checkpoint(cfg.ckpt_path)
+    model, data = model_and_data(cfg, task, from_checkpoint=True, data_overrides=trained_normalization(state))
+    restore(model, cfg.ckpt_path, checkpoint=state)
+    task.setup_task(data, model)
+    restore_task(task, state)
     device = resolve_device(cfg.trainer.device)
     model.to(device)
     data.to(device)
-    figures = figure_report.write_for(model, data, cfg.model.image_size, job.job_dir / "figures")
+    figures = figure_report.write_for(model, data, cfg.model.image_size, job.job_dir / "figures", task=task)
     logger.log_images(figures, step=state.get("step", 0))
     logger.update_summary(figures={name: str(path) for name, path in figures.items()})
     log.info("%s", "\n".join(f"{name}: {path}" for name, path in figures.items()))

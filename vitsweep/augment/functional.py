@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from vitsweep.data.splits import IGNORE_INDEX, Targets, map_masks
+
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL and torchvision use for RGB -> gray
 
 
@@ -42,43 +44,47 @@ def per_image(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1), to broadcast over (B, C, H, W)
 
 
-# ---- crops and flips ---------------------------------------------------------------------------------------
+# ---- flips (crops: vitsweep.data.crops) ---------------------------------------------------------------------
 
 
-def crop_windows(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut a size x size window at (top[i], left[i]) out of image i. Works on any dtype (uint8 too)."""
-    B = images.shape[0]
-    rows = (top[:, None] + torch.arange(size, device=images.device))[:, :, None]  # (B, size, 1)
-    cols = (left[:, None] + torch.arange(size, device=images.device))[:, None, :]  # (B, 1, size)
-    batch = torch.arange(B, device=images.device)[:, None, None]
-    return images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, size, size, C) -> (B, C, ..)
-
-
-def random_crops(images: torch.Tensor, size: int) -> torch.Tensor:
-    """A size x size window at a random position of each image (B, C, H, W), H and W >= size."""
-    B, _, H, W = images.shape
-    top = torch.randint(0, H - size + 1, (B,), device=images.device)
-    left = torch.randint(0, W - size + 1, (B,), device=images.device)
-    return crop_windows(images, top, left, size)
-
-
-def random_flip(images: torch.Tensor, p: float, dim: int = -1) -> torch.Tensor:
-    return select(chosen(p, images.shape[0], images.device), images.flip(dim), images)
+def random_flip(images: torch.Tensor, p: float, dim: int = -1, targets: Targets | None = None):
+    """Flip each image along `dim` with probability p; with `targets`, returns (images, targets) and
+    flips the masks among them with the same draw."""
+    flipped = chosen(p, images.shape[0], images.device)
+    out = select(flipped, images.flip(dim), images)
+    if targets is None:
+        return out
+    return out, map_masks(lambda m: select(flipped, m.flip(dim), m), targets, images)
 
 
 # ---- geometry: one affine warp per sample ------------------------------------------------------------------
 
 
+def sampling_grid(matrix: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """The grid_sample grid of (B, 2, 3) pixel-space matrices (see `affine`) for images of `shape`."""
+    B, C, H, W = shape
+    # affine_grid wants the same map in normalized coordinates (-1..1 across each side)
+    to_normalized = torch.tensor([2.0 / W, 2.0 / H], device=matrix.device, dtype=dtype)
+    theta = matrix.to(dtype).clone()
+    theta[:, :, :2] = theta[:, :, :2] * to_normalized[:, None] / to_normalized[None, :]
+    theta[:, :, 2] = theta[:, :, 2] * to_normalized
+    return F.affine_grid(theta, [B, C, H, W], align_corners=False)
+
+
+def warp_masks(masks: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """Masks (B, H, W) warped like `affine` warps their images, by nearest neighbour (a label is never
+    interpolated); pixels that come from outside the mask get IGNORE_INDEX."""
+    B, H, W = masks.shape
+    grid = sampling_grid(matrix, (B, 1, H, W), torch.float32)
+    shifted = masks.float()[:, None] + 1  # 0 after sampling = outside
+    warped = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0]
+    return torch.where(warped == 0, IGNORE_INDEX, warped - 1).to(masks.dtype)
+
+
 def affine(images: torch.Tensor, matrix: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """Warp each image by its own (B, 2, 3) matrix, which maps an output pixel (x, y), measured in pixels
     from the image centre, to the input pixel it samples. Bilinear; `fill` outside the image."""
-    B, C, H, W = images.shape
-    # affine_grid wants the same map in normalized coordinates (-1..1 across each side)
-    to_normalized = torch.tensor([2.0 / W, 2.0 / H], device=images.device, dtype=images.dtype)
-    theta = matrix.to(images.dtype).clone()
-    theta[:, :, :2] = theta[:, :, :2] * to_normalized[:, None] / to_normalized[None, :]
-    theta[:, :, 2] = theta[:, :, 2] * to_normalized
-    grid = F.affine_grid(theta, [B, C, H, W], align_corners=False)
+    grid = sampling_grid(matrix, images.shape, images.dtype)
     if fill == 0:
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # sample a ones channel too, to know which output pixels came from outside the image

@@ -1,4 +1,5 @@
-"""Geometric ops: random crop with padding, flips, rotation. One random draw per sample."""
+"""Geometric ops: random crop with padding, flips, rotation. One random draw per sample; segmentation
+masks among the targets (vitsweep.augment.functional.is_mask) move with their images."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from torch import nn
 from vitsweep.augment.functional import (
     chosen,
     probability,
-    random_crops,
     random_flip,
     rotate,
+    rotation_matrices,
     select,
     uniform,
+    warp_masks,
 )
+from vitsweep.data.crops import random_crops
+from vitsweep.data.splits import IGNORE_INDEX, map_masks
 
 
 class RandomCrop(nn.Module):
@@ -32,7 +36,8 @@ class RandomCrop(nn.Module):
             return images, targets
         size = images.shape[-1]
         padded = F.pad(images, (self.padding,) * 4)
-        return random_crops(padded, size), targets
+        padded_targets = map_masks(lambda m: F.pad(m, (self.padding,) * 4, value=IGNORE_INDEX), targets, images)
+        return random_crops(padded, size, padded_targets)
 
 
 class Flips(nn.Module):
@@ -46,9 +51,9 @@ class Flips(nn.Module):
 
     def forward(self, images, targets):
         if self.horizontal > 0:
-            images = random_flip(images, self.horizontal, dim=-1)
+            images, targets = random_flip(images, self.horizontal, dim=-1, targets=targets)
         if self.vertical > 0:
-            images = random_flip(images, self.vertical, dim=-2)
+            images, targets = random_flip(images, self.vertical, dim=-2, targets=targets)
         return images, targets
 
 
@@ -64,5 +69,8 @@ class Rotation(nn.Module):
 
     def forward(self, images: torch.Tensor, targets):
         B = images.shape[0]
-        rotated = rotate(images, uniform(-self.degrees, self.degrees, B, images.device), self.fill)
-        return select(chosen(self.p, B, images.device), rotated, images), targets
+        angles = uniform(-self.degrees, self.degrees, B, images.device)
+        rotated = rotate(images, angles, self.fill)
+        applies = chosen(self.p, B, images.device)
+        targets = map_masks(lambda m: select(applies, warp_masks(m, rotation_matrices(angles)), m), targets, images)
+        return select(applies, rotated, images), targets

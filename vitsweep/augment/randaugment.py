@@ -23,28 +23,43 @@ from vitsweep.augment.functional import (
     chosen,
     identity_matrices,
     probability,
-    rotate,
+    rotation_matrices,
+    warp_masks,
 )
+from vitsweep.data.splits import map_masks
 
 
 def _warp(row: int, col: int, scale_by: str | None = None):
-    """An op that sets one entry of the output -> input pixel map to the (per-sample) value."""
-    def op(images, value):
+    """The (B, 2, 3) output -> input pixel maps that set one entry to the (per-sample) value."""
+    def matrices(images, value):
         matrix = identity_matrices(images.shape[0], images.device)
         side = {"W": images.shape[-1], "H": images.shape[-2], None: 1}[scale_by]
         matrix[:, row, col] = value * side
-        return affine(images, matrix)
-    return op
+        return matrix
+    return matrices
+
+
+def _rotation(images, value):
+    return rotation_matrices(torch.as_tensor(value, device=images.device, dtype=images.dtype).expand(images.shape[0]))
+
+
+# the ops that move pixels: segmentation masks follow them (nearest neighbour)
+GEOMETRIC = {"shear_x": _warp(0, 1), "shear_y": _warp(1, 0), "translate_x": _warp(0, 2, "W"),
+             "translate_y": _warp(1, 2, "H"), "rotate": _rotation}
+
+
+def _geometric(name: str):
+    return lambda images, value: affine(images, GEOMETRIC[name](images, value))
 
 
 # name: (value at the top magnitude, signed, op(images, value)) -- torchvision's _AUGMENTATION_SPACE
 OPS = {
     "identity": (0.0, False, lambda images, value: images),
-    "shear_x": (0.3, True, _warp(0, 1)),
-    "shear_y": (0.3, True, _warp(1, 0)),
-    "translate_x": (150.0 / 331.0, True, _warp(0, 2, "W")),  # a fraction of the width
-    "translate_y": (150.0 / 331.0, True, _warp(1, 2, "H")),
-    "rotate": (30.0, True, rotate),
+    "shear_x": (0.3, True, _geometric("shear_x")),
+    "shear_y": (0.3, True, _geometric("shear_y")),
+    "translate_x": (150.0 / 331.0, True, _geometric("translate_x")),  # a fraction of the width
+    "translate_y": (150.0 / 331.0, True, _geometric("translate_y")),
+    "rotate": (30.0, True, _geometric("rotate")),
     "brightness": (0.9, True, lambda images, value: adjust_brightness(images, 1 + value)),
     "color": (0.9, True, lambda images, value: adjust_saturation(images, 1 + value)),
     "contrast": (0.9, True, lambda images, value: adjust_contrast(images, 1 + value)),
@@ -77,11 +92,16 @@ class RandAugment(nn.Module):
             op_index = torch.randint(len(OPS), (B,), device=device).masked_fill(~applies, 0)  # 0: identity
             sign = torch.randint(0, 2, (B,), device=device) * 2 - 1
             out = images.clone()
-            for k, (top_value, signed, op) in enumerate(OPS.values()):
+            for k, (name, (top_value, signed, op)) in enumerate(OPS.items()):
                 members = (op_index == k).nonzero().squeeze(1)
                 if k == 0 or len(members) == 0:
                     continue
                 value = top_value * self.fraction
-                out[members] = op(images[members], value * sign[members] if signed else value)
+                value = value * sign[members] if signed else value
+                out[members] = op(images[members], value)
+                if name in GEOMETRIC:  # masks follow: the same matrices, nearest neighbour
+                    matrices = GEOMETRIC[name](images[members], value)
+                    targets = map_masks(lambda m, i=members, mt=matrices: m.index_put((i,), warp_masks(m[i], mt)),
+                                        targets, images)
             images = out
         return images, targets

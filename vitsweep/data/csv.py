@@ -14,6 +14,11 @@
   a stratified test_fraction, then val_fraction of the rest; with no val rows, val is carved from train.
 - metadata_columns: numeric columns kept per sample as Split.metadata (N, M) float32, in this order,
   for metadata inputs; `auto` keeps every other column whose cells are all numbers.
+- targets (given by the task, vitsweep/task/task.py): what to read for tasks other than single-label
+  classification: {name: {"type": classification, "column": c}} class indices (an empty cell: -1,
+  missing); {"type": regression, "columns": [a, b]} numbers (empty: NaN); {"type": segmentation,
+  "column": m} a path per row to a mask file (.png/.npy, read as data=maskfolder; empty: no label).
+  One target gives a tensor of labels, several a dict keyed by name.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 import torch
 
 from vitsweep.data.imagefolder import decode_cached
-from vitsweep.data.splits import Split, Splits, carve_validation
+from vitsweep.data.maskfolder import read_mask
+from vitsweep.data.splits import IGNORE_INDEX, Split, Splits, carve_validation
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -57,6 +63,51 @@ def parse_labels(rows: list[dict], label_columns: list[str]) -> tuple[torch.Tens
     return torch.tensor([[float(v) for v in values] for values in multi_hot]), list(label_columns)
 
 
+def parse_targets(rows: list[dict], columns: list[str], targets: dict, manifest: Path, image_size: int,
+                  cache_dir: str | None) -> tuple[dict, dict, set[str]]:
+    """{name: labels}, {name: class names} and the columns used, for the task's `targets`."""
+    labels, class_names, used = {}, {}, set()
+    for name, spec in targets.items():
+        kind = spec.get("type")
+        names = list(spec.get("columns") or [spec.get("column")])
+        for column in names:
+            if column not in columns:
+                raise ValueError(f"the task reads column {column!r} for {name}, which data.root={manifest} lacks "
+                                 f"(columns: {', '.join(columns)})")
+        used.update(names)
+        cells = [[row[c].strip() for c in names] for row in rows]
+        if kind == "classification":
+            values = [cell[0] for cell in cells]
+            present = sorted({v for v in values if v}, key=lambda v: (not v.lstrip("-").isdigit(),
+                                                                      int(v) if v.lstrip("-").isdigit() else v))
+            index = {v: i for i, v in enumerate(present)}
+            labels[name] = torch.tensor([index[v] if v else -1 for v in values], dtype=torch.int64)
+            class_names[name] = present
+        elif kind == "regression":
+            for line, cell in enumerate(cells, start=2):
+                for column, value in zip(names, cell):
+                    if value and not is_number(value):
+                        raise ValueError(f"data=csv: row {line} has {column}={value!r}: regression targets are numbers "
+                                         f"(an empty cell is a missing value)")
+            labels[name] = torch.tensor([[float(v) if v else float("nan") for v in cell] for cell in cells])
+        elif kind == "segmentation":
+            paths = [manifest.parent / cell[0] if cell[0] else None for cell in cells]
+            bad = next((i for i, path in enumerate(paths) if path is not None and not path.is_file()), None)
+            if bad is not None:
+                raise FileNotFoundError(f"data=csv: row {bad + 2} names mask {paths[bad]}, which does not exist")
+            present = [path for path in paths if path is not None]
+            decoded = decode_cached({"rows": present}, image_size, 1, None, cache_dir, f"csv-{manifest.stem}-{name}",
+                                    reader=read_mask)["rows"] if present else None
+            masks = torch.full((len(rows), image_size, image_size), IGNORE_INDEX, dtype=torch.uint8)
+            has_mask = torch.tensor([path is not None for path in paths])
+            if decoded is not None:
+                masks[has_mask] = decoded
+            labels[name] = masks
+        else:
+            raise ValueError(f"data=csv cannot read {kind} targets for {name}")
+    return labels, class_names, used
+
+
 def parse_metadata(rows: list[dict], columns: list[str], metadata_columns: str | Sequence[str],
                    used: set[str]) -> torch.Tensor | None:
     """(N, M) float32 of the metadata columns, or None when there are none."""
@@ -81,7 +132,7 @@ def load_csv(root: str, image_size: int, in_channels: int = 3, channels_last: bo
              image_column: str = "image", label_columns: str | Sequence[str] = "label",
              split_column: str | None = "split", metadata_columns: str | Sequence[str] = "auto",
              cache_dir: str | None = None, test_fraction: float = 0.2, val_fraction: float = 0.1,
-             split_seed: int = 0) -> Splits:
+             split_seed: int = 0, targets: dict | None = None) -> Splits:
     manifest = Path(root).expanduser().resolve()
     if not manifest.is_file():
         raise FileNotFoundError(f"data.root={manifest} is not a file: with data=csv, point data.root at the "
@@ -90,15 +141,23 @@ def load_csv(root: str, image_size: int, in_channels: int = 3, channels_last: bo
         reader = csv.DictReader(f)
         columns, rows = list(reader.fieldnames or []), list(reader)
     label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
-    for key, name in [("image_column", image_column)] + [("label_columns", c) for c in label_columns]:
+    # the task's targets; one class label column with no name of its own: data.source.label_columns
+    legacy = not targets or [(s.get("type"), s.get("column")) for s in targets.values()] == [("classification", None)]
+    for key, name in [("image_column", image_column)] + [("label_columns", c) for c in label_columns if legacy]:
         if name not in columns:
             raise ValueError(f"data.source.{key}: data.root={manifest} has no column {name!r} "
                              f"(it has: {', '.join(columns)}): set data.source.{key}")
     if not rows:
         raise ValueError(f"data.root={manifest} has a header but no rows")
 
-    labels, class_names = parse_labels(rows, label_columns)
-    metadata = parse_metadata(rows, columns, metadata_columns, used={image_column, split_column, *label_columns})
+    if legacy:
+        labels, class_names = parse_labels(rows, label_columns)
+        used = set(label_columns)
+    else:
+        labels, class_names, used = parse_targets(rows, columns, targets, manifest, image_size, cache_dir)
+        if len(labels) == 1:
+            labels, class_names = next(iter(labels.values())), next(iter(class_names.values()), [])
+    metadata = parse_metadata(rows, columns, metadata_columns, used={image_column, split_column, *used})
     paths = [manifest.parent / row[image_column].strip() for row in rows]
     missing = next((i for i, path in enumerate(paths) if not path.is_file()), None)
     if missing is not None:

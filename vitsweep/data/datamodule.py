@@ -13,7 +13,9 @@ The input data strategy (docs/parameters.md, "Input Data Strategy") lives here:
   split, computed once at start, before augmentation; checkpoints store them and eval mode reuses them.
 - balance_ratio: the share of balance_class in each training epoch, by weighted sampling with
   replacement, still a function of (seed, epoch) only, so resume is exact.
-- label_granularity: image (one label per image) is the one built.
+- label_granularity: image (a label per image), pixel (a mask per image: a class per pixel) or patch
+  (masks whose labels the task reads per patch token); masks are cropped, resized and augmented with
+  their images (vitsweep.data.splits.is_mask).
 - resize_to: every batch (after cropping, before augmentation) is resized on the device to this side,
   e.g. 32 px CIFAR-10 to the 224 px a pretrained ViT-S/16 expects; the stored images stay small.
 """
@@ -26,12 +28,12 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from vitsweep.augment.functional import random_crops
-from vitsweep.data.splits import Split, Splits
+from vitsweep.data.crops import random_crops
+from vitsweep.data.splits import Split, Splits, Targets, map_masks, map_targets
 
 NORMALIZATIONS = ("fixed", "auto")
 EVAL_CROPS = ("center", "tiled")
-LABEL_GRANULARITIES = ("image",)  # patch and pixel labels come with the task-objective options
+LABEL_GRANULARITIES = ("auto", "image", "patch", "pixel")  # auto: the task's own (segmentation: pixel)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -84,13 +86,14 @@ class DataModule:
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  normalization: str = "fixed", crop_size: int | None = None, eval_crop: str = "center",
                  balance_ratio: float | None = None, balance_class: int | str | None = None,
-                 label_granularity: str = "image", root: str | None = None, channels_last: bool | None = None,
+                 label_granularity: str = "auto", root: str | None = None, channels_last: bool | None = None,
                  resize_to: int | None = None):
         # root and channels_last are read by `source` (as ${..root}): they sit at the top of data/*.yaml
         # because that is where users set them, and the DataModule itself has no use for them
         if label_granularity not in LABEL_GRANULARITIES:
-            raise ValueError(f"data.label_granularity={label_granularity} is not built yet: only image (one label "
-                             f"per image) is; patch- and pixel-level labels come with the task-objective options")
+            raise ValueError(f"data.label_granularity={label_granularity} is not one of: "
+                             f"{', '.join(LABEL_GRANULARITIES)}")
+        self.label_granularity = label_granularity
         self.splits, self.class_names = source, source.class_names
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -101,7 +104,7 @@ class DataModule:
         if tuple(train.images.shape[-2:]) != (image_size, image_size):
             raise ValueError(f"data.image_size={image_size} but the images are {tuple(train.images.shape[-2:])}: "
                              f"set data.image_size to match")
-        if len(self.class_names) and len(self.class_names) != num_classes:
+        if isinstance(self.class_names, list) and len(self.class_names) and len(self.class_names) != num_classes:
             raise ValueError(f"data.num_classes={num_classes} but the data has {len(self.class_names)} classes "
                              f"({', '.join(self.class_names[:5])}...): set data.num_classes={len(self.class_names)}")
 
@@ -150,7 +153,11 @@ class DataModule:
         else:
             raise ValueError(f"data.balance_class={balance_class} is not a class index in [0, {self.num_classes}) "
                              f"nor a class name ({', '.join(names[:10])})")
-        members = members_of(self.splits.train.labels, index).cpu()
+        labels = self.splits.train.labels
+        if isinstance(labels, dict) or labels.is_floating_point() and labels.dim() == 1 or labels.dim() > 2:
+            raise ValueError(f"data.balance_ratio={ratio} balances a class, but these targets are not one class "
+                             f"label per image: drop data.balance_ratio")
+        members = members_of(labels, index).cpu()
         count = int(members.sum())
         if count in (0, len(members)):
             raise ValueError(f"data.balance_class={balance_class}: {count} of the {len(members)} training samples are "
@@ -163,7 +170,8 @@ class DataModule:
         for name in ("train", "val", "test"):
             split = getattr(self.splits, name)
             metadata = split.metadata.to(self.device) if split.metadata is not None else None
-            setattr(self.splits, name, Split(split.images.to(self.device), split.labels.to(self.device), metadata))
+            labels = map_targets(lambda t: t.to(self.device), split.labels)
+            setattr(self.splits, name, Split(split.images.to(self.device), labels, metadata))
         self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
         return self
 
@@ -173,14 +181,18 @@ class DataModule:
     def to_float(self, images: torch.Tensor) -> torch.Tensor:
         return to_float(images)
 
-    def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """Float batch (B, C, h, w) -> (B, C, resize_to, resize_to), bicubic (antialiased when shrinking);
-        unchanged when resize_to is null. Runs on the device, batched: 32 px CIFAR to 224 px for a ViT-S/16."""
+    def resize(self, images: torch.Tensor, targets: Targets):
+        """Float batch (B, C, h, w) -> (B, C, resize_to, resize_to), bicubic (antialiased when shrinking), and
+        the masks among the targets by nearest neighbour; unchanged when resize_to is null. Runs on the
+        device, batched: 32 px CIFAR to 224 px for a ViT-S/16."""
         if self.resize_to is None or tuple(images.shape[-2:]) == (self.resize_to, self.resize_to):
-            return images
+            return images, targets
+        size = (self.resize_to, self.resize_to)
+        targets = map_masks(lambda m: F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0].to(m.dtype),
+                            targets, images)
         shrinking = self.resize_to < max(images.shape[-2:])
-        return F.interpolate(images, size=(self.resize_to, self.resize_to), mode="bicubic", align_corners=False,
-                             antialias=shrinking)  # not clamped: float arrays (reflectances) keep their range
+        return F.interpolate(images, size=size, mode="bicubic", align_corners=False,
+                             antialias=shrinking), targets  # not clamped: float arrays (reflectances) keep their range
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -200,34 +212,38 @@ class DataModule:
             return torch.randperm(n, generator=generator)
         return torch.multinomial(self.sample_weights, n, replacement=True, generator=generator)
 
-    def train_batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled (images in [0, 1], labels) batches; the order depends only on (seed, epoch), so a
+    def train_batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, Targets]]:
+        """Shuffled (images in [0, 1], targets) batches; the order depends only on (seed, epoch), so a
         resumed run sees the same batches. `skip` drops the first batches (mid-epoch resume). Crop
         positions come from the global RNG, which the trainer seeds per epoch and checkpoints mid-epoch."""
         train = self.splits.train
         order = self.epoch_order(epoch, seed).to(self.device)
         for step in range(skip, self.steps_per_epoch()):
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
-            images = train.images[index]
-            if self.crop_size < self.image_size:
-                images = random_crops(images, self.crop_size)  # on the stored dtype: fewer bytes to move
-            yield self.resize(self.to_float(images)), train.labels[index]
+            images, targets = train.images[index], map_targets(lambda t, index=index: t[index], train.labels)
+            if self.crop_size < self.image_size:  # on the stored dtype: fewer bytes to move
+                images, targets = random_crops(images, self.crop_size, targets)
+            yield self.resize(self.to_float(images), targets)
 
     def eval_windows(self, images: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-        """(B, C, S, S) -> (B * len(offsets)**2, C, crop, crop): each image's windows, consecutive."""
+        """(B, C, S, S) -> (B * len(offsets)**2, C, crop, crop): each image's windows, consecutive
+        (masks (B, S, S) likewise)."""
         if self.crop_size == self.image_size:
             return images
         size = self.crop_size
         windows = [images[..., top:top + size, left:left + size] for top in offsets for left in offsets]
         return torch.stack(windows, dim=1).flatten(0, 1)
 
-    def eval_batches(self, split: str, all_views: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images in [0, 1], labels) of a split, in order: one input per label, the centre window when
-        cropping. all_views (the trainer's evaluation): every window of data.eval_crop per image,
-        consecutive, (B * eval_views, C, crop, crop); the trainer averages each image's logits over them."""
+    def eval_batches(self, split: str, all_views: bool = False) -> Iterator[tuple[torch.Tensor, Targets]]:
+        """(images in [0, 1], targets) of a split, in order: one input per target, the centre window when
+        cropping (masks cut to the same window). all_views (the trainer's evaluation): every window of
+        data.eval_crop per image, consecutive, (B * eval_views, C, crop, crop); the trainer averages
+        each image's outputs over them."""
         data = self.split(split)
         offsets = self.eval_offsets if all_views else [self.center_offset]
         per_batch = max(1, self.eval_batch_size // len(offsets) ** 2)
         for start in range(0, len(data), per_batch):
-            images = self.eval_windows(data.images[start:start + per_batch], offsets)
-            yield self.resize(self.to_float(images)), data.labels[start:start + per_batch]
+            stored = data.images[start:start + per_batch]
+            targets = map_targets(lambda t, start=start: t[start:start + per_batch], data.labels)
+            targets = map_masks(lambda m: self.eval_windows(m[:, None], [self.center_offset])[:, 0], targets, stored)
+            yield self.resize(self.to_float(self.eval_windows(stored, offsets)), targets)

@@ -26,7 +26,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
-from vitsweep.data.splits import Split, Splits, carve_validation
+from vitsweep.data.splits import Split, Splits, carve_validation, check_class_labels_only
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 ARRAY_EXTENSIONS = (".npy", ".tif", ".tiff")
@@ -90,10 +90,13 @@ def read_image(path: Path, image_size: int, in_channels: int, channels_last: boo
     return image
 
 
-def decode_all(paths: list[Path], image_size: int, in_channels: int, channels_last: bool | None = None) -> torch.Tensor:
+def decode_all(paths: list[Path], image_size: int, in_channels: int, channels_last: bool | None = None,
+               reader=None) -> torch.Tensor:
+    """The files decoded by `reader` (default read_image; maskfolder.read_mask for masks) and stacked."""
+    reader = reader or read_image
     # torchvision's decoders and numpy's reads release the GIL, so threads decode in parallel
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        images = list(pool.map(lambda p: read_image(p, image_size, in_channels, channels_last), paths,
+        images = list(pool.map(lambda p: reader(p, image_size, in_channels, channels_last), paths,
                                chunksize=256))
     dtypes = sorted({str(image.dtype).removeprefix("torch.") for image in images})
     if len(dtypes) > 1:  # one tensor, one dtype, one scale in to_float
@@ -111,14 +114,16 @@ def cache_key(listing: dict[str, list[Path]], image_size: int, in_channels: int,
 
 
 def decode_cached(listing: dict[str, list[Path]], image_size: int, in_channels: int, channels_last: bool | None,
-                  cache_dir: str | None, name: str) -> dict[str, torch.Tensor]:
-    """{split: (N, C, image_size, image_size) tensor} for the files of each split, read from the disk cache
-    `cache_dir/<name>-<key>.pt` while every file is unchanged, decoded (and cached) otherwise."""
+                  cache_dir: str | None, name: str, reader=None) -> dict[str, torch.Tensor]:
+    """{split: (N, C, image_size, image_size) tensor} for the files of each split (masks: (N, S, S) with
+    reader=read_mask), read from the disk cache `cache_dir/<name>-<key>.pt` while every file is unchanged,
+    decoded (and cached) otherwise."""
     key = cache_key(listing, image_size, in_channels, channels_last)
     cache_file = Path(cache_dir).expanduser() / f"{name}-{key}.pt" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         return torch.load(cache_file, weights_only=True)
-    tensors = {split: decode_all(paths, image_size, in_channels, channels_last) for split, paths in listing.items()}
+    tensors = {split: decode_all(paths, image_size, in_channels, channels_last, reader)
+               for split, paths in listing.items()}
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
@@ -128,7 +133,9 @@ def decode_cached(listing: dict[str, list[Path]], image_size: int, in_channels: 
 
 
 def load_imagefolder(root: str, image_size: int, in_channels: int = 3, channels_last: bool | None = None,
-                     cache_dir: str | None = None, val_fraction: float = 0.1, split_seed: int = 0) -> Splits:
+                     cache_dir: str | None = None, val_fraction: float = 0.1, split_seed: int = 0,
+                     targets: dict | None = None) -> Splits:
+    check_class_labels_only("imagefolder", targets)
     root = Path(root).expanduser().resolve()
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise FileNotFoundError(

@@ -1,16 +1,63 @@
-"""The in-memory form every dataset is decoded into: uint8 image tensors plus labels, per split."""
+"""The in-memory form every dataset is decoded into: uint8 image tensors plus labels, per split.
+
+Labels (the targets of the task, vitsweep/task/) are one tensor per split, or a dict of them for a
+multi-task run, first axis the sample:
+
+    (N,) int64          class indices (classification)
+    (N, K) float        multi-hot (multi-label classification)
+    (N, T) float        continuous targets (regression); NaN where a value is missing
+    (N, H, W) uint8     class index per pixel (segmentation masks); 255 = ignore
+    {"riot": (N,), "crowd": (N, 1)}   one entry per head (task=multi_task)
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+Targets = torch.Tensor | dict[str, torch.Tensor]
+IGNORE_INDEX = 255  # a mask pixel that carries no label (segmentation)
+
+
+def map_targets(fn: Callable[[torch.Tensor], torch.Tensor], targets: Targets) -> Targets:
+    """fn applied to the tensor, or to every tensor of a dict of them."""
+    return {name: fn(value) for name, value in targets.items()} if isinstance(targets, dict) else fn(targets)
+
+
+def concat_targets(parts: list[Targets]) -> Targets:
+    """Batches of targets (tensors, or dicts of tensors) joined along the sample axis."""
+    if isinstance(parts[0], dict):
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    return torch.cat(parts)
+
+
+def is_mask(target: torch.Tensor, images: torch.Tensor) -> bool:
+    """A target (B, H, W) with the images' height and width is a segmentation mask: geometric ops move
+    it with its image (nearest neighbour), photometric ops leave it alone."""
+    return target.dim() == 3 and tuple(target.shape[-2:]) == tuple(images.shape[-2:])
+
+
+def map_masks(fn: Callable[[torch.Tensor], torch.Tensor], targets: Targets, images: torch.Tensor) -> Targets:
+    """fn applied to every mask among the targets; class, multi-hot and regression targets pass through."""
+    return map_targets(lambda t: fn(t) if is_mask(t, images) else t, targets)
+
+
+def check_class_labels_only(source: str, targets: dict | None) -> None:
+    """A loader that knows one class label per image refuses a task that asks for anything else
+    (`targets`: the task's needs, {name: {"type": ..., "column": ...}}; see vitsweep/task/task.py)."""
+    kinds = [spec.get("type") for spec in (targets or {}).values()]
+    if kinds and kinds != ["classification"]:
+        raise ValueError(f"data={source} gives one class label per image, but the task asks for "
+                         f"{' + '.join(map(str, kinds))} targets: use data=csv (columns per target), data=maskfolder "
+                         f"(masks) or data=synthetic")
 
 
 @dataclass
 class Split:
     images: torch.Tensor  # (N, C, H, W), uint8 for photos; float32/uint16 for multispectral arrays
-    labels: torch.Tensor  # (N,) int64 class indices, or (N, K) float multi-hot for multi-label
+    labels: Targets  # see the module docstring
     metadata: torch.Tensor | None = None  # (N, M) float32 extra numeric inputs per sample (data=csv), or None
 
     def __len__(self) -> int:
@@ -18,7 +65,7 @@ class Split:
 
     def subset(self, index: torch.Tensor) -> Split:
         metadata = None if self.metadata is None else self.metadata[index]
-        return Split(self.images[index], self.labels[index], metadata)
+        return Split(self.images[index], map_targets(lambda t: t[index], self.labels), metadata)
 
 
 @dataclass
@@ -35,7 +82,7 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
     if not 0 < fraction < 1:
         raise ValueError(f"data.val_fraction={fraction} must be in (0, 1) when the data has no val split")
     generator = torch.Generator().manual_seed(seed)
-    labels = train.labels if train.labels.dim() == 1 else train.labels.argmax(dim=1)
+    labels = strata(train.labels)
     val_index = []
     for cls in labels.unique():
         members = (labels == cls).nonzero().flatten()
@@ -45,3 +92,16 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
     is_val = torch.zeros(len(train), dtype=torch.bool)
     is_val[val_index] = True
     return train.subset(~is_val), train.subset(is_val)
+
+
+def strata(labels: Targets) -> torch.Tensor:
+    """(N,) int64 groups to stratify a split by: the class (the first classification head of a dict, the
+    largest of a multi-hot row); one group for targets that are not classes (regression, masks)."""
+    if isinstance(labels, dict):
+        classes = [value for value in labels.values() if value.dim() == 1 and not value.is_floating_point()]
+        return strata(classes[0]) if classes else torch.zeros(len(next(iter(labels.values()))), dtype=torch.int64)
+    if labels.dim() == 1 and not labels.is_floating_point():
+        return labels  # class indices (-1: missing, a group of its own)
+    if labels.dim() == 2 and not labels.isnan().any() and labels.shape[1] > 1 and ((labels == 0) | (labels == 1)).all():
+        return labels.argmax(dim=1)  # multi-hot
+    return torch.zeros(len(labels), dtype=torch.int64)

@@ -5,6 +5,11 @@ blocks.i.mlp.fc1, norm, head), so timm weights port with little renaming (see pr
 The attention pattern, the norm layer and the position embedding are components injected by
 the config groups model/attention, model/norm and model/pos_embed.
 
+The head is timm's `nn.Linear` on the pooled vector unless a task gives a `TaskHead` factory
+(`head=`, plus `aux_heads=` trained alongside it; see heads.py): then the trunk hands the head the
+`Features` it asks for, and in training mode with auxiliary heads `forward` returns
+{"out": main output, <aux name>: aux output, ...} (torchvision's segmentation models do the same).
+
 The class only builds modules: no file is read here. Pretrained weights and freezing are applied
 afterwards by the factory that the model configs target (`vitsweep.model.factory.create_vit`).
 Attention maps are collected with `vitsweep.model.attention.record_attention`.
@@ -12,6 +17,7 @@ Attention maps are collected with `vitsweep.model.attention.record_attention`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 
@@ -19,7 +25,8 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from vitsweep.model.attention import MultiHeadAttention
+from vitsweep.model.attention import MultiHeadAttention, record_attention
+from vitsweep.model.heads import Features, TaskHead
 from vitsweep.model.pos_embed import LearnedPositionEmbedding
 
 
@@ -42,6 +49,7 @@ class PatchEmbed(nn.Module):
                 raise ValueError(
                     f"model.patch_size={patch_size} (stride {stride}) does not tile image {name} {side}: {hint}"
                 )
+        self.image_size = (h, w)
         self.grid_size = ((h - patch_size) // stride + 1, (w - patch_size) // stride + 1)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.flattened_patch_dim = patch_size * patch_size * in_channels
@@ -109,6 +117,8 @@ class VisionTransformer(nn.Module):
         attention: Callable[..., nn.Module] | None = None,
         norm: Callable[[int], nn.Module] | None = None,
         pos_embed: Callable[..., nn.Module] | None = None,
+        head: Callable[..., TaskHead] | None = None,
+        aux_heads: dict[str, Callable[..., TaskHead]] | None = None,
     ):
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -146,7 +156,13 @@ class VisionTransformer(nn.Module):
         # pooled vector (timm's fc_norm). Either way one module called `norm`.
         self.norm = norm(embed_dim)
         self.head_drop = nn.Dropout(dropout)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        geometry = {"dim": embed_dim, "grid_size": self.grid_size, "image_size": self.patch_embed.image_size,
+                    "num_prefix_tokens": self.num_prefix_tokens, "pooling": pooling, "depth": depth}
+        if head is not None:  # a task's head (segmentation decoder, multi-task heads)
+            self.head = head(**geometry)
+        else:
+            self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_heads = nn.ModuleDict({name: make(**geometry) for name, make in (aux_heads or {}).items()})
         self._init_weights()
 
     def _init_weights(self):
@@ -163,16 +179,21 @@ class VisionTransformer(nn.Module):
         """Parameter names that weight decay should leave alone (besides norms and biases)."""
         return {"cls_token", "pos_embed.weight"}
 
-    def forward_features(self, x):
+    def forward_features(self, x, keep_blocks: frozenset[int] = frozenset()):
+        """Tokens (B, N, D) after the last block (normalized with cls pooling); with `keep_blocks`, also
+        {i: block i's output tokens} for those blocks."""
         x = self.patch_embed(x)  # (B, P, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+P, D)
         x = self.pos_drop(self.pos_embed(x))
-        for block in self.blocks:
+        hidden = {}
+        for i, block in enumerate(self.blocks):
             x = block(x)  # (B, N, D)
+            if i in keep_blocks:
+                hidden[i] = x
         if self.pooling == "cls":
             x = self.norm(x)
-        return x
+        return (x, hidden) if keep_blocks else x
 
     def forward_head(self, x, pre_logits: bool = False):
         if self.pooling == "cls":
@@ -182,8 +203,31 @@ class VisionTransformer(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x):  # (B, C, H, W) -> logits (B, num_classes)
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x):  # (B, C, H, W) -> logits (B, num_classes), or what the task's heads return
+        if not isinstance(self.head, TaskHead) and not (self.aux_heads and self.training):
+            return self.forward_head(self.forward_features(x))
+        heads = [self.head, *(self.aux_heads.values() if self.training else [])]
+        features = self.features(x, heads)
+        out = self.head(features) if isinstance(self.head, TaskHead) else self.head(features.pooled)
+        if self.aux_heads and self.training:  # auxiliary outputs are for the training loss only
+            return {"out": out, **{name: head(features) for name, head in self.aux_heads.items()}}
+        return out
+
+    def features(self, x, heads: list[nn.Module]) -> Features:
+        """What `heads` read from the trunk for images x (B, C, H, W): see heads.py."""
+        depth = len(self.blocks)
+        task_heads = [head for head in heads if isinstance(head, TaskHead)]
+        keep = {i: i % depth for head in task_heads for i in head.reads_blocks}
+        watched = {i: i % depth for head in task_heads for i in head.reads_attention}
+        with contextlib.ExitStack() as stack:
+            maps = {b: stack.enter_context(record_attention(self.blocks[b])) for b in set(watched.values())}
+            out = self.forward_features(x, frozenset(keep.values()))
+        tokens, hidden = out if keep else (out, {})
+        return Features(pooled=self.forward_head(tokens, pre_logits=True),
+                        patch_tokens=tokens[:, self.num_prefix_tokens:], grid_size=self.grid_size,
+                        image_size=self.patch_embed.image_size, num_prefix_tokens=self.num_prefix_tokens,
+                        hidden={i: hidden[b] for i, b in keep.items()},
+                        attention={i: maps[b][0] for i, b in watched.items()})  # (B, nh, N, N) each
 
     def summary(self) -> str:
         num_params = sum(p.numel() for p in self.parameters())

@@ -77,10 +77,11 @@ def check_architecture(model: torch.nn.Module, state_dict: dict, ckpt_path) -> N
                          f"use the same model and data config as the run that wrote it")
 
 
-def restore(model: torch.nn.Module, path: str | Path, map_location="cpu") -> dict:
-    """Load the checkpoint at `path`, check that `model` has its architecture, and load its weights
-    into `model`. Returns the whole checkpoint (optimizer, scheduler, RNG states, config, ...)."""
-    checkpoint = load_checkpoint(path, map_location=map_location)
+def restore(model: torch.nn.Module, path: str | Path, map_location="cpu", checkpoint: dict | None = None) -> dict:
+    """Load the checkpoint at `path` (or take `checkpoint`, already read from it), check that `model` has
+    its architecture, and load its weights into `model`. Returns the whole checkpoint (optimizer,
+    scheduler, RNG states, config, task state, ...)."""
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path, map_location=map_location)
     check_architecture(model, checkpoint["model"], path)
     model.load_state_dict(checkpoint["model"])
     return checkpoint

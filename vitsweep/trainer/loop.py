@@ -22,11 +22,18 @@ import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 
-from vitsweep.metrics import ClassificationMetrics
+from vitsweep.task.base import average_views
 from vitsweep.trainer.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from vitsweep.trainer.progress import Progress, use_bar
 
 log = logging.getLogger(__name__)
+
+
+def detach(outputs):
+    """Outputs (a tensor, or a dict of them) cut from the graph."""
+    if isinstance(outputs, dict):
+        return {name: detach(value) for name, value in outputs.items()}
+    return outputs.detach()
 
 
 def seed_everything(seed: int) -> None:
@@ -60,8 +67,7 @@ class Trainer:
                  precision: str = "auto", compile: str | bool = "auto", gradient_clip_val: float | None = 1.0,
                  accumulate_grad_batches: int = 1, monitor: str = "val/acc", monitor_mode: str = "max",
                  log_every_n_steps: int = 50, progress_bar: bool | str = "auto",
-                 progress_interval_s: float | None = 30.0, ema_decay: float | None = None,
-                 metrics: ClassificationMetrics | None = None):
+                 progress_interval_s: float | None = 30.0, ema_decay: float | None = None):
         if monitor_mode not in ("max", "min"):
             raise ValueError(f"trainer.monitor_mode={monitor_mode!r} is not one of: max, min")
         if accumulate_grad_batches < 1:
@@ -81,7 +87,6 @@ class Trainer:
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ValueError(f"trainer.ema_decay={ema_decay} must be in (0, 1), e.g. 0.999, or null for no EMA")
         self.ema_decay = ema_decay
-        self.metrics = metrics or ClassificationMetrics()
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -98,22 +103,19 @@ class Trainer:
         return value > best if self.monitor_mode == "max" else value < best
 
     @torch.inference_mode()
-    def evaluate(self, model, data, split: str, loss_fn, return_outputs: bool = False):
-        """Loss and metrics of `model` on a split; with `return_outputs`, also the logits (N, K) and
-        labels it scored them on (for figures such as the confusion matrix)."""
+    def evaluate(self, model, data, split: str, task, return_evaluator: bool = False):
+        """Loss and metrics of `model` on a split, as the task scores them; with `return_evaluator`, also
+        the task's evaluator, which holds what it scored (for figures: confusion matrix, scatter)."""
         model.eval()
-        logits_all, labels_all = [], []
-        for images, labels in data.eval_batches(split, all_views=True):
+        evaluator = task.task_evaluator()
+        for images, targets in data.eval_batches(split, all_views=True):
             with self.autocast():
-                logits = model(data.normalize(images)).float()  # (B * views, K), views > 1 if eval_crop=tiled
-            logits_all.append(logits.view(len(labels), -1, logits.shape[-1]).mean(1))  # average each image's views
-            labels_all.append(labels)
-        logits, labels = torch.cat(logits_all), torch.cat(labels_all)
-        metrics = {f"{split}/loss": loss_fn(logits, labels).item(),
-                   **self.metrics(logits, labels, split, class_names=data.class_names)}
-        return (metrics, logits, labels) if return_outputs else metrics
+                outputs = model(data.normalize(images))  # (B * views, ...), views > 1 if eval_crop=tiled
+            evaluator.update(average_views(outputs, data.eval_views), targets)  # each image's views averaged
+        metrics = evaluator.compute(split)
+        return (metrics, evaluator) if return_evaluator else metrics
 
-    def fit(self, model, data, augment, loss_fn, optimizer, scheduler, logger, ckpt_dir: Path, seed: int,
+    def fit(self, model, data, augment, task, optimizer, scheduler, logger, ckpt_dir: Path, seed: int,
             checkpoint_extra: dict, resume_state: dict | None = None) -> FitResult:
         raw_model = model  # the un-compiled module: its state_dict has the plain parameter names
         if self.compile:
@@ -163,15 +165,16 @@ class Trainer:
             batches = data.train_batches(epoch, seed, skip=skip_batches * self.accumulate)
             batch_in_epoch = skip_batches
             skip_batches = 0
-            epoch_loss, epoch_acc, epoch_images = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
+            epoch_loss, epoch_images = torch.zeros((), device=self.device), 0
+            epoch_scores = {}  # the task's batch scores (acc, mae, pixel_acc...), summed over images on the device
             window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.time()
             progress = Progress(steps_per_epoch, batch_in_epoch, f"epoch {epoch}", self.progress_bar,
                                 self.progress_interval_s)
             for micro_step, (images, targets) in enumerate(batches):
                 images, targets = augment(images, targets)
                 with self.autocast():
-                    logits = model(data.normalize(images))  # (B, num_classes)
-                    loss = loss_fn(logits, targets)
+                    outputs = model(data.normalize(images))  # logits (B, K), or what the task's heads return
+                    loss = task.training_loss(outputs, targets)
                 scaler.scale(loss / self.accumulate).backward()
                 if (micro_step + 1) % self.accumulate:
                     continue  # accumulate gradients over more micro-batches
@@ -190,7 +193,8 @@ class Trainer:
                 # bookkeeping stays on the device; one sync per log window, not per step
                 loss_detached = loss.detach()
                 epoch_loss += loss_detached * images.shape[0]
-                epoch_acc += self.metrics.batch_accuracy(logits.detach(), targets) * images.shape[0]
+                for name, value in task.training_scores(detach(outputs), targets).items():
+                    epoch_scores[name] = epoch_scores.get(name, 0) + value.detach() * images.shape[0]
                 epoch_images += images.shape[0]
                 window_loss += loss_detached
                 window_steps += 1
@@ -203,8 +207,9 @@ class Trainer:
                     lr = optimizer.param_groups[0]["lr"]
                     logger.log({"train/loss_step": mean_loss, "lr": lr, "train/images_per_s": images_per_s},
                                step=step, epoch=epoch)
-                    progress.set_values(loss=f"{mean_loss:.3f}", acc=f"{(epoch_acc / max(epoch_images, 1)).item():.3f}",
-                                        img_s=f"{images_per_s:.0f}", lr=f"{lr:.2e}")
+                    scores = {name.split("/")[-1]: f"{(total / max(epoch_images, 1)).item():.3f}"
+                              for name, total in list(epoch_scores.items())[:2]}
+                    progress.set_values(loss=f"{mean_loss:.3f}", **scores, img_s=f"{images_per_s:.0f}", lr=f"{lr:.2e}")
                     window_loss.zero_()
                     window_steps, window_start = 0, time.time()
                 progress.update(1)
@@ -215,13 +220,13 @@ class Trainer:
 
             epoch_done = not stopped_by_time
             metrics = {"train/loss": (epoch_loss / max(epoch_images, 1)).item(),
-                       "train/acc": (epoch_acc / max(epoch_images, 1)).item()}
-            metrics.update(self.evaluate(raw_model if ema is None else ema.module, data, "val", loss_fn))
+                       **{f"train/{name}": (total / max(epoch_images, 1)).item() for name, total in epoch_scores.items()}}
+            metrics.update(self.evaluate(raw_model if ema is None else ema.module, data, "val", task))
             if self.monitor not in metrics:
                 raise ValueError(f"trainer.monitor={self.monitor!r} is not a logged metric: pick one of {sorted(metrics)}")
             logger.log(metrics, step=step, epoch=epoch)
             log.info("epoch %d: %s  (%.0fs)", epoch, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                           if k.count("/") < 2),  # per-class: jsonl and logger
+                                                           if task.is_headline(k)),  # per-class: jsonl and logger
                      time.time() - start_time)
             if self.improved(metrics[self.monitor], best_value):
                 best_value, best_epoch, best_metrics = metrics[self.monitor], epoch, metrics

@@ -17,6 +17,7 @@ from vitsweep.viz.figures import (
     save_figure,
     visualize_attention,
 )
+from vitsweep.viz.tasks import split_figures
 
 __all__ = [
     "attention_figure",
@@ -29,5 +30,6 @@ __all__ = [
     "patch_attention_maps",
     "rollout_patch_map",
     "save_figure",
+    "split_figures",
     "visualize_attention",
 ]

@@ -121,7 +121,8 @@ def attention_figure(image: torch.Tensor, head_maps: torch.Tensor, rollout_map: 
 
 def visualize_attention(model, image_tensor: torch.Tensor, label: int | None = None,
                         class_names: Sequence[str] | None = None, layer: int = -1,
-                        rgb_bands: Sequence[int] | None = None, mean=None, std=None) -> Figure:
+                        rgb_bands: Sequence[int] | None = None, mean=None, std=None,
+                        title: str | None = None) -> Figure:
     """What the ViT attends to for one image (C, H, W): every head of `layer` and the rollout
     through all layers, over the image, with the predicted (and true) label in the title."""
     if image_tensor.dim() == 4:
@@ -134,7 +135,7 @@ def visualize_attention(model, image_tensor: torch.Tensor, label: int | None = N
     layer_index = layer % depth
     head_maps = patch_attention_maps([attentions[layer_index]], model.num_prefix_tokens, model.grid_size)
     rollout = rollout_patch_map(attention_rollout(attentions), model.num_prefix_tokens, model.grid_size)
-    title = prediction_title(logits[0], label, class_names)
+    title = title if title is not None else prediction_title(logits[0], label, class_names)
     return attention_figure(image_tensor, head_maps[0, 0], rollout[0], title=title,
                             layer_name=f"layer {layer_index + 1}/{depth}", rgb_bands=rgb_bands, mean=mean, std=std)
 
@@ -159,17 +160,19 @@ def heatmaps_figure(images: torch.Tensor, heatmaps: dict[str, torch.Tensor], tit
 def explanation_figure(model, images: torch.Tensor, methods: Sequence[str] = ("saliency", "ig", "gradcam", "rollout"),
                        labels: torch.Tensor | Sequence[int] | None = None, class_names: Sequence[str] | None = None,
                        targets: torch.Tensor | Sequence[int] | None = None, rgb_bands=None, mean=None,
-                       std=None) -> Figure:
+                       std=None, titles: Sequence[str] | None = None) -> Figure:
     """Rows: images (B, C, H, W); columns: the input (titled with predicted and true label) and one
     patch-grid heatmap per method (vitsweep.viz.explain), explaining `targets` (default: the
-    predicted class)."""
+    predicted class; for a regression model, the index of the output to explain). `titles` label the
+    rows (default: predicted and true class)."""
     device = next(model.parameters()).device
     logits, _ = collect_attentions(model, images.to(device))
     if targets is None:
         targets = logits.argmax(dim=-1)
     heatmaps = explain(model, images, targets, list(methods))
-    titles = [prediction_title(logits[i], None if labels is None else int(labels[i]), class_names)
-              for i in range(images.shape[0])]
+    if titles is None:
+        titles = [prediction_title(logits[i], None if labels is None else int(labels[i]), class_names)
+                  for i in range(images.shape[0])]
     return heatmaps_figure(images.cpu(), heatmaps, titles, rgb_bands=rgb_bands, mean=mean, std=std)
 
 

@@ -8,6 +8,7 @@ training starts.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vitsweep.data.splits import map_targets
+from vitsweep.viz.attention import collect_attentions, eval_mode
 from vitsweep.viz.explain import EXPLAINERS
-from vitsweep.viz.figures import explanation_figure, save_figure, visualize_attention
+from vitsweep.viz.figures import explanation_figure, heatmaps_figure, save_figure, visualize_attention
+from vitsweep.viz.tasks import sample_title, segmentation_figure
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 class FigureReport:
@@ -66,7 +71,7 @@ class FigureReport:
             return data.normalize(images.to(data.device)), None, names
         images, labels = next(iter(data.eval_batches(self.split)))  # a fixed set: the split's first images
         images = images[::data.eval_views]  # data.eval_crop=tiled: each image's first window
-        images, labels = images[:self.num_images], labels[:self.num_images]
+        images, labels = images[:self.num_images], map_targets(lambda t: t[:self.num_images], labels)
         return data.normalize(images), labels, [f"{self.split}{i}" for i in range(images.shape[0])]
 
     # ------------------------------------------------------------------------------ the figures
@@ -96,11 +101,47 @@ class FigureReport:
             figures["viz/explanations"] = save_figure(figure, out_dir / "explanations.png")
         return figures
 
-    def write_for(self, model, data, image_size, out_dir: Path) -> dict[str, Path]:
-        """`inputs` then `write`: the figures of `model` for this report's images of `data`."""
+    def write_for(self, model, data, image_size, out_dir: Path, task=None) -> dict[str, Path]:
+        """`inputs` then `write`: the figures of `model` for this report's images of `data`; for a task other
+        than classification, `write_task` (titles, explanations and figures of that task)."""
         images, labels, names = self.inputs(data, image_size)
         mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
-        return self.write(model, images, labels, data.class_names, out_dir, mean=mean, std=std, names=names)
+        if task is None or task.kind == "classification":
+            return self.write(model, images, labels, data.class_names, out_dir, mean=mean, std=std, names=names)
+        return self.write_task(model, task, images, labels, data.class_names, Path(out_dir), mean, std, names)
+
+    def write_task(self, model, task, images, labels, class_names, out_dir: Path, mean, std,
+                   names) -> dict[str, Path]:
+        """Regression, segmentation, multi-task: attention figures titled with the task's prediction and
+        truth; explanations of regression output 0 (segmentation and multi-task outputs are not one number
+        per image: rollout only); segmentation's masks; the auxiliary attention head's maps."""
+        self.check(model)
+        style = {"rgb_bands": self.rgb_bands, "mean": mean, "std": std}
+        outputs, _ = collect_attentions(model, images)
+        titles = [sample_title(task, map_targets(lambda t, i=i: t[i], outputs),
+                               None if labels is None else map_targets(lambda t, i=i: t[i], labels), class_names)
+                  for i in range(images.shape[0])]
+        figures = {}
+        for i, name in enumerate(names):
+            figure = visualize_attention(model, images[i], layer=self.layer, title=titles[i], **style)
+            figures[f"viz/attention_{i:02d}"] = save_figure(figure, out_dir / f"attention_{i:02d}_{name}.png")
+        methods = self.explain if task.kind == "regression" else [m for m in self.explain if m == "rollout"]
+        if methods != self.explain:
+            log.info("viz.explain: %s explain one number per image; task=%s has more: drawing rollout only",
+                     ", ".join(m for m in self.explain if m != "rollout"), task.kind)
+        if methods:
+            figure = explanation_figure(model, images, methods=methods, targets=[0] * images.shape[0], titles=titles,
+                                        **style)
+            figures["viz/explanations"] = save_figure(figure, out_dir / "explanations.png")
+        if task.kind == "segmentation":
+            true_masks = None if labels is None else task.labels_at_output(task.split_targets(labels)[0])
+            figure = segmentation_figure(images.cpu(), None if true_masks is None else true_masks.cpu(),
+                                         outputs.argmax(dim=1).cpu(), task.num_classes, titles, **style)
+            figures["viz/segmentation"] = save_figure(figure, out_dir / "segmentation.png")
+        if "attention" in getattr(task, "aux_heads", []) and labels is not None:
+            figure = aux_attention_figure(model, task, images, labels, **style)
+            figures["viz/aux_attention"] = save_figure(figure, out_dir / "aux_attention.png")
+        return figures
 
 
 def image_file(path: str, in_channels: int) -> Path:
@@ -131,3 +172,16 @@ def read_image_file(path: str, in_channels: int, image_size) -> torch.Tensor:
     resized = F.interpolate(image[None].float().div(255), size=size, mode="bilinear", antialias=True,
                             align_corners=False)
     return resized[0].clamp(0, 1)  # (C, H, W)
+
+
+@torch.no_grad()
+def aux_attention_figure(model, task, images: torch.Tensor, labels, rgb_bands=None, mean=None, std=None):
+    """The auxiliary attention head's output (task.aux_heads=[attention]) beside its target, the region
+    mask's foreground, per image."""
+    head = model.aux_heads["attention"]
+    with eval_mode(model):
+        maps = head(model.features(images, [head]))  # (B, gh, gw)
+    regions = task.region(task.split_targets(labels)[1])  # (B, gh, gw) patch labels
+    foreground = ((regions > 0) & (regions != 255)).float()
+    return heatmaps_figure(images.cpu(), {"aux attention": maps.cpu(), "region foreground": foreground.cpu()},
+                           rgb_bands=rgb_bands, mean=mean, std=std)

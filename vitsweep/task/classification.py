@@ -1,0 +1,115 @@
+"""task=classification (the default): one class per image, or several with multi_label=true.
+
+The loss is the `loss` config group (cross_entropy, focal, bce; label smoothing, class weights) and the
+metrics the `metrics` group (vitsweep.metrics.ClassificationMetrics); this objective joins them to the
+model's linear head. As a head of a multi-task run its loss is picked by name (`loss: cross_entropy`).
+Missing labels (-1, or a NaN multi-hot row) count in no loss and no metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from vitsweep.loss import BinaryCrossEntropy, CrossEntropy, FocalLoss
+from vitsweep.metrics import ClassificationMetrics
+from vitsweep.task.base import Evaluator
+from vitsweep.task.heads import PooledLinear
+from vitsweep.task.task import Task
+
+LOSSES = {"cross_entropy": CrossEntropy, "focal": FocalLoss, "bce": BinaryCrossEntropy}
+
+
+def valid_labels(targets: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the samples that carry a label (class index >= 0, or a multi-hot row without NaN)."""
+    if targets.dim() == 1:
+        return targets >= 0
+    return ~targets.isnan().any(dim=1)
+
+
+class ClassificationEvaluator(Evaluator):
+    def __init__(self, objective: Classification):
+        self.objective, self.logits, self.labels = objective, [], []
+
+    def update(self, outputs, targets) -> None:
+        self.logits.append(outputs.float())
+        self.labels.append(targets)
+
+    def compute(self, prefix: str) -> dict[str, float]:
+        logits, labels = torch.cat(self.logits), torch.cat(self.labels)
+        valid = valid_labels(labels)
+        if not valid.any():
+            return {}
+        logits, labels = logits[valid], labels[valid]
+        return {f"{prefix}/loss": self.objective.loss_fn(logits, labels).item(),
+                **self.objective.metrics(logits, labels, prefix, class_names=self.objective.class_names)}
+
+
+class Classification(Task):
+    kind = "classification"
+
+    def __init__(self, loss: Callable[..., nn.Module] | nn.Module | str = "cross_entropy",
+                 metrics: ClassificationMetrics | None = None, num_classes: int | None = None,
+                 multi_label: bool = False, monitor: str = "val/acc", monitor_mode: str = "max",
+                 column: str | None = None, weight: float = 1.0, aux_heads: Sequence[str] = (),
+                 aux: dict | None = None, granularity: str = "auto"):
+        if isinstance(loss, str):  # a head of a multi-task run names its loss
+            if loss not in LOSSES:
+                raise ValueError(f"task.heads.<name>.loss={loss} is not one of {', '.join(LOSSES)} for a "
+                                 f"classification head")
+            loss = LOSSES[loss]
+        self.make_loss, self.metrics = loss, metrics or ClassificationMetrics(multi_label=multi_label)
+        self.num_classes, self.multi_label = num_classes, multi_label
+        self.monitor, self.monitor_mode, self.column, self.weight = monitor, monitor_mode, column, weight
+        self.loss_fn, self.class_names, self.has_missing = None, None, False
+        self.configure(aux_heads, aux, granularity)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.num_classes
+
+    def head(self, dim: int, **geometry) -> nn.Module:
+        return PooledLinear(dim, self.num_classes)
+
+    def setup(self, train_targets, class_names, model, data) -> None:
+        if train_targets.is_floating_point() and train_targets.dim() == 1 or train_targets.dim() > 2:
+            raise ValueError(f"task=classification needs class labels, but the data gives targets of shape "
+                             f"{tuple(train_targets.shape)} ({train_targets.dtype}): pick the task that fits them "
+                             f"(task=regression for numbers, task=segmentation for masks)")
+        if self.num_classes is None:
+            self.num_classes = len(class_names)
+        self.class_names = list(class_names) if class_names else None
+        valid = valid_labels(train_targets)
+        self.has_missing = not bool(valid.all())  # else the loss takes the fast path, with no host sync
+        labelled = train_targets[valid]
+        present = labelled.unique() if labelled.dim() == 1 else (labelled.sum(dim=0) > 0).nonzero().flatten()
+        if labelled.dim() == 1 and len(present) < 2:
+            raise ValueError(f"the training split has {len(present)} class(es) ({present.tolist()}): classification "
+                             f"needs at least two; check the labels (data.num_classes={self.num_classes})")
+        if isinstance(self.make_loss, nn.Module):  # a loss built already (in Python: Classification(loss=CrossEntropy()))
+            self.loss_fn = self.make_loss
+        else:  # the training labels: for loss.class_weights=balanced, and to check multi_label against the data
+            self.loss_fn = self.make_loss(train_labels=labelled, **self.loss_args())
+        self.loss_fn.to(train_targets.device)
+
+    def loss_args(self) -> dict:
+        """A loss named by a multi-task head is built here with its head's class count."""
+        return {"num_classes": self.num_classes, "multi_label": self.multi_label} if isinstance(
+            self.make_loss, type) else {}
+
+    def loss(self, outputs, targets):
+        if not self.has_missing:
+            return self.loss_fn(outputs, targets)
+        valid = valid_labels(targets)
+        return self.loss_fn(outputs[valid], targets[valid]) if valid.any() else outputs.sum() * 0
+
+    def batch_scores(self, outputs, targets):
+        if self.has_missing:
+            valid = valid_labels(targets)
+            outputs, targets = outputs[valid], targets[valid]
+        return {"acc": self.metrics.batch_accuracy(outputs, targets)}
+
+    def evaluator(self) -> Evaluator:
+        return ClassificationEvaluator(self)

@@ -1,0 +1,156 @@
+"""task=multi_task: several heads on one trunk, each with its own target, loss and metrics.
+
+    python run.py task=multi_task data=csv data.root=crops.csv \\
+        'task.heads={riot: {type: classification, column: riot}, crowd: {type: regression, column: crowd_size}}'
+
+Each head: `type` (classification | regression | segmentation), `column` (what it reads from the data),
+and optionally `loss` (classification: cross_entropy | focal | bce; regression: mse | l1 | huber),
+`weight`, `num_classes` (classification: else the column's distinct values), and a segmentation head's
+`granularity` and `decoder`. Targets are a dict keyed by head name; metrics are `<split>/<head>/<metric>`
+(`val/riot/acc`, `val/crowd/rmse`), and `<split>/loss` is the weighted total. A missing label (an empty
+cell, NaN) masks that head's loss and metrics for that sample only.
+
+Loss weighting (`task.weighting`):
+    fixed         sum_i w_i L_i
+    uncertainty   sum_i w_i exp(-s_i) L_i + s_i, with s_i = log sigma_i^2 learned per head (Kendall et al.
+                  2018, in the form most implementations use); at a fixed L_i the optimum is s_i = log L_i.
+                  The s_i live in the model (`head.log_vars`), in an optimizer group of their own without
+                  weight decay (vitsweep.optimizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from vitsweep.metrics import ClassificationMetrics
+from vitsweep.task.base import Evaluator
+from vitsweep.task.classification import Classification
+from vitsweep.task.heads import MultiHead
+from vitsweep.task.regression import Regression
+from vitsweep.task.segmentation import Segmentation
+from vitsweep.task.task import Task
+
+HEAD_TYPES = {"classification": Classification, "regression": Regression, "segmentation": Segmentation}
+WEIGHTINGS = ("fixed", "uncertainty")
+HEAD_KEYS = {"type", "column", "loss", "weight", "num_classes", "granularity", "decoder"}
+
+
+def build_objective(name: str, spec: Mapping, metrics: ClassificationMetrics | None, granularity: str):
+    spec = dict(spec)
+    if spec.get("type") not in HEAD_TYPES:
+        raise ValueError(f"task.heads.{name}.type={spec.get('type')} is not one of: {', '.join(HEAD_TYPES)}")
+    if not spec.get("column"):
+        raise ValueError(f"task.heads.{name} names no column: add column=<the data column it predicts>")
+    unknown = sorted(set(spec) - HEAD_KEYS)
+    if unknown:
+        raise ValueError(f"task.heads.{name} has unknown key(s) {', '.join(unknown)}: a head takes "
+                         f"{', '.join(sorted(HEAD_KEYS))}")
+    kind, column, weight = spec["type"], spec["column"], float(spec.get("weight", 1.0))
+    if kind == "classification":
+        per_head_metrics = ClassificationMetrics(names=metrics.names, per_class=metrics.per_class) if metrics else None
+        return Classification(loss=spec.get("loss", "cross_entropy"), metrics=per_head_metrics,
+                              num_classes=spec.get("num_classes"), column=column, weight=weight)
+    if kind == "regression":
+        return Regression(loss=spec.get("loss", "mse"), column=column, weight=weight)
+    return Segmentation(num_classes=spec.get("num_classes"), granularity=spec.get("granularity", granularity),
+                        decoder=spec.get("decoder", "linear"), column=column, weight=weight)
+
+
+class MultiTaskEvaluator(Evaluator):
+    def __init__(self, task: MultiTask):
+        self.task = task
+        self.evaluators = {name: objective.evaluator() for name, objective in task.objectives.items()}
+
+    def update(self, outputs, targets) -> None:
+        for name, evaluator in self.evaluators.items():
+            evaluator.update(outputs[name], targets[name])
+
+    def compute(self, prefix: str) -> dict[str, float]:
+        out, total = {}, 0.0
+        for name, evaluator in self.evaluators.items():
+            metrics = evaluator.compute(prefix)  # {prefix/loss, prefix/acc, ...}, {} if no labelled sample
+            total += self.task.objectives[name].weight * metrics.get(f"{prefix}/loss", 0.0)
+            out.update({f"{prefix}/{name}/{key.split('/', 1)[1]}": value for key, value in metrics.items()})
+        return {f"{prefix}/loss": total, **out}
+
+
+class MultiTask(Task):
+    kind = "multi_task"
+
+    def __init__(self, heads: Mapping[str, Mapping], weighting: str = "fixed",
+                 metrics: ClassificationMetrics | None = None, granularity: str = "pixel",
+                 monitor: str = "val/loss", monitor_mode: str = "min", aux_heads=(), aux=None):
+        if not heads:
+            raise ValueError("task=multi_task needs task.heads: {name: {type: ..., column: ...}, ...}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"task.weighting={weighting} is not one of: {', '.join(WEIGHTINGS)}")
+        if aux_heads:
+            raise ValueError("task.aux_heads are for single-objective tasks: with task=multi_task add the auxiliary "
+                             "target as one more head in task.heads")
+        self.objectives = {name: build_objective(name, spec, metrics, granularity) for name, spec in heads.items()}
+        self.weighting, self.monitor, self.monitor_mode = weighting, monitor, monitor_mode
+        self.aux_heads, self.aux, self.region, self.log_vars = [], {}, None, None
+
+    def data_targets(self) -> dict[str, dict]:
+        return {name: objective.target_spec() for name, objective in self.objectives.items()}
+
+    def heads_known(self) -> bool:
+        """Whether every head's size is set in the config (else the model waits for the data)."""
+        return all(getattr(objective, "num_classes", 0) is not None for objective in self.objectives.values())
+
+    def count_classes(self, data) -> None:
+        """Heads without num_classes get their column's class count."""
+        names = data.class_names if isinstance(data.class_names, dict) else {}
+        for name, objective in self.objectives.items():
+            if getattr(objective, "num_classes", 0) is None:
+                classes = names.get(name) or []
+                if not classes and objective.kind == "segmentation":
+                    masks = data.split("train").labels[name]
+                    classes = [str(k) for k in range(int(masks[masks != 255].max()) + 1)]
+                objective.num_classes = len(classes)
+
+    def model_args(self) -> dict:
+        def head(dim, **geometry) -> nn.Module:
+            return MultiHead({name: objective.head(dim, **geometry) for name, objective in self.objectives.items()},
+                             learn_log_vars=self.weighting == "uncertainty")
+        return {"head": head}
+
+    def setup_task(self, data, model) -> None:
+        labels, names = data.split("train").labels, data.class_names
+        if not isinstance(labels, dict):
+            raise ValueError("task=multi_task needs one target per head, but the data gives one target per image: "  # noqa: TRY004
+                             "use data=csv or data=synthetic, which read task.heads")
+        for name, objective in self.objectives.items():
+            class_names = names.get(name, []) if isinstance(names, dict) else []
+            objective.setup(labels[name], class_names, model, data)
+        self.log_vars = model.head.log_vars
+
+    def training_loss(self, outputs, targets) -> torch.Tensor:
+        total = 0.0
+        for i, (name, objective) in enumerate(self.objectives.items()):
+            loss = objective.weight * objective.loss(outputs[name], targets[name])
+            if self.log_vars is not None:
+                loss = torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]
+            total = total + loss
+        return total
+
+    def training_scores(self, outputs, targets) -> dict[str, torch.Tensor]:
+        return {f"{name}/{key}": value for name, objective in self.objectives.items()
+                for key, value in objective.batch_scores(outputs[name], targets[name]).items()}
+
+    def task_evaluator(self) -> Evaluator:
+        return MultiTaskEvaluator(self)
+
+    def is_headline(self, key: str) -> bool:
+        parts = key.split("/")  # split / loss, or split / head / metric [/ class]
+        return len(parts) == 2 or (len(parts) == 3 and parts[1] in self.objectives)
+
+    def task_state(self) -> dict:
+        return {"kind": self.kind, "heads": {name: objective.state_dict() for name, objective in self.objectives.items()}}
+
+    def load_task_state(self, state: dict) -> None:
+        for name, objective in self.objectives.items():
+            objective.load_state_dict(state["heads"][name])
