@@ -53,6 +53,18 @@ OPTIONS = {
     "multi_label_bce": {"defaults": [{"override /loss": "bce"}], "multi_label": True},
     "multi_label_focal": {"defaults": [{"override /loss": "focal"}], "multi_label": True, "loss": {"alpha": 0.25}},
     "metrics_subset": {"metrics": {"names": ["accuracy", "f1"], "per_class": False}},
+    # task objectives (conf/task): each with its heads, loss, metrics and monitor
+    "task_regression": {"defaults": [{"override /task": "regression"}], "task": {"loss": "huber"}},
+    "task_segmentation": {"defaults": [{"override /task": "segmentation"}]},
+    "task_segmentation_pup": {"defaults": [{"override /task": "segmentation"}], "task": {"decoder": "pup"}},
+    "task_segmentation_patch": {"defaults": [{"override /task": "segmentation"}],
+                                "data": {"label_granularity": "patch"}},
+    "task_multi_task": {"defaults": [{"override /task": "multi_task"}],
+                        "task": {"weighting": "uncertainty",
+                                 "heads": {"riot": {"type": "classification", "column": "riot"},
+                                           "crowd": {"type": "regression", "column": "crowd", "loss": "l1"},
+                                           "area": {"type": "segmentation", "column": "area", "weight": 0.5}}}},
+    "aux_heads": {"task": {"aux_heads": ["deep_supervision", "region", "attention"]}},
     # bad input: the job fails with its one-line reason, before any training step
     "bad_metric_name": {"metrics": {"names": ["accuracy", "auc"]}},
     "bad_class_weights": {"loss": {"class_weights": [1.0, 2.0]}},
@@ -95,10 +107,11 @@ def test_option_trains_through_run_py(sweep, option):
     train_losses = [row["train/loss"] for row in read_metrics(job_dir) if "train/loss" in row]
     assert train_losses and all(math.isfinite(loss) for loss in train_losses)
     metrics = summary["metrics"]
-    multi_label = option.startswith("multi_label")
-    assert {"test/loss", "test/acc", "val/acc"} <= set(metrics)
-    # the confusion matrix is drawn for single-label runs
-    assert (job_dir / "confusion_matrix.png").is_file() != multi_label
+    monitor = summary["monitor"]  # each task's own: val/acc, val/rmse, val/miou, val/loss
+    assert {"test/loss", monitor, monitor.replace("val/", "test/")} <= set(metrics)
+    # the confusion matrix is drawn for single-label classification runs
+    single_label = summary["task"] == "classification" and not option.startswith("multi_label")
+    assert (job_dir / "confusion_matrix.png").is_file() == single_label
     if option in CHECKS:
         CHECKS[option](sweep, summary)
 
@@ -151,7 +164,27 @@ def warmup_then(lr: float):  # 1-epoch warmup over the 8 steps from 1e-6, ending
     return lr_first_and_last(1e-6 + (lr - 1e-6) / 8, lr)
 
 
+def task_metrics(task: str, keys: set[str], pngs: tuple[str, ...] = ()):
+    def check(jobs, summary):
+        assert summary["task"] == task and keys <= set(summary["metrics"]), sorted(summary["metrics"])
+        assert all((Path(summary["job_dir"]) / png).is_file() for png in pngs)
+    return check
+
+
+def trained_aux_heads(jobs, summary):
+    weights = torch.load(Path(summary["job_dir"]) / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert {"aux_heads.deep_supervision.fc.weight", "aux_heads.region.fc.weight"} <= set(weights)
+    assert "test/acc" in summary["metrics"] and not any("region" in key for key in summary["metrics"])
+
+
 CHECKS = {
+    "task_regression": task_metrics("regression", {"val/rmse", "val/mae", "test/r2"}, ("regression_scatter.png",)),
+    "task_segmentation": task_metrics("segmentation", {"val/miou", "val/pixel_acc", "test/iou/class_1"}),
+    "task_segmentation_pup": task_metrics("segmentation", {"val/miou"}),
+    "task_segmentation_patch": task_metrics("segmentation", {"val/miou", "test/pixel_acc"}),
+    "task_multi_task": task_metrics("multi_task", {"val/loss", "val/riot/acc", "val/crowd/rmse", "test/area/miou"},
+                                    ("riot_confusion_matrix.png", "crowd_regression_scatter.png")),
+    "aux_heads": trained_aux_heads,
     "norm_rmsnorm": params_vs_defaults(-3 * EMBED),  # RMSNorm has no bias
     "norm_batchnorm": params_vs_defaults(0),  # the same affine weight and bias as LayerNorm
     "pooling_mean": params_vs_defaults(-2 * EMBED),  # no cls token, no position for it

@@ -89,7 +89,8 @@ def planted(kinds: dict[str, str], size: int, channels: int, num_classes: int, c
         images = (images + 0.2).clamp(0, 1)
         return Split((images * 255).round().to(torch.uint8), labels if len(labels) > 1 else next(iter(labels.values())))
 
-    class_names = {name: [str(k) for k in range(num_classes)] for name, kind in kinds.items() if kind != "regression"}
+    class_names = {name: [f"class_{k}" for k in range(num_classes)]
+                   for name, kind in kinds.items() if kind != "regression"}
     if len(kinds) == 1:
         class_names = next(iter(class_names.values()), [])
     return Splits(make(counts[0]), make(counts[1]), make(counts[2]), class_names)

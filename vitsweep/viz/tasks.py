@@ -86,8 +86,8 @@ def segmentation_figure(images: torch.Tensor, true_masks: torch.Tensor | None, p
         rgb = image_to_rgb(images[row], rgb_bands, mean, std)
         panels = [(rgb, titles[row])]
         if true_masks is not None:
-            panels.append((0.5 * rgb + 0.5 * resize_nearest(mask_to_rgb(true_masks[row], num_classes), rgb), "true"))
-        panels.append((0.5 * rgb + 0.5 * resize_nearest(mask_to_rgb(predicted[row], num_classes), rgb), "predicted"))
+            panels.append((0.25 * rgb + 0.75 * resize_nearest(mask_to_rgb(true_masks[row], num_classes), rgb), "true"))
+        panels.append((0.25 * rgb + 0.75 * resize_nearest(mask_to_rgb(predicted[row], num_classes), rgb), "predicted"))
         for ax, (picture, title) in zip(axes[row], panels):
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(title, fontsize=8)
