@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from vitsweep.data.datamodule import trained_normalization
 from vitsweep.job import JobRecord, run_job
 from vitsweep.logger.run_logger import RunLogger
+from vitsweep.ranks import follow, leading
 from vitsweep.trainer.checkpoint import restore
+from vitsweep.trainer.distributed import is_follower
 from vitsweep.trainer.loop import resolve_device, seed_everything
 from vitsweep.viz import confusion_matrix_figure, save_figure
 
@@ -38,7 +40,7 @@ def log_test_metrics(trainer, model, data, loss_fn, job: JobRecord, logger: RunL
     """Score the test split, log it, and draw the confusion matrix (single-label runs)."""
     metrics, logits, labels = trainer.evaluate(model, data, "test", loss_fn, return_outputs=True)
     logger.log(metrics, step=step, epoch=epoch)
-    if labels.dim() == 1:
+    if labels.dim() == 1 and trainer.ranks.is_main:  # DDP: rank 0 writes
         png = save_figure(confusion_matrix_figure(logits, labels, data.class_names), job.job_dir / "confusion_matrix.png")
         logger.log_images({"test/confusion_matrix": png}, step=step)
     return metrics
@@ -88,7 +90,8 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     final = best_val | test
     logger.update_summary(metrics=final)
     log.info("best checkpoint: %s", headline(final))
-    if figure_report.enabled_at_end:  # attention and explanations of the best checkpoint, on fixed images
+    # attention and explanations of the best checkpoint, on fixed images (DDP: rank 0 draws them)
+    if figure_report.enabled_at_end and trainer.ranks.is_main:
         figures = figure_report.write_for(model, data, cfg.model.image_size, job.job_dir / "figures")
         logger.log_images(figures, step=result.steps)
         log.info("figures: %d PNGs in %s", len(figures), job.job_dir / "figures")
@@ -134,5 +137,14 @@ MODES = {"train": train, "eval": evaluate, "visualize": visualize}
 
 
 def run(cfg: DictConfig) -> float:
-    """The job `run.py` starts: the mode `cfg.mode`, with the bookkeeping of `vitsweep.job`."""
-    return run_job(cfg, MODES)
+    """The job `run.py` starts: the mode `cfg.mode`, with the bookkeeping of `vitsweep.job`. Data-parallel
+    (vitsweep.ranks): rank 0 leads the job; a SLURM task after the first follows it."""
+    if is_follower():
+        return follow(MODES)
+    with leading(cfg):
+        return run_job(cfg, MODES)
+
+
+def follow_rank0() -> float:
+    """torchrun's ranks > 0 (run.py): rank 0's job, with its config, writing nothing."""
+    return follow(MODES)
