@@ -109,7 +109,10 @@ def test_two_ranks_follow_one_process_and_only_rank_0_writes(one_process, tmp_pa
 def test_a_two_rank_checkpoint_resumes_in_one_process_on_the_same_curve(one_process, tmp_path):
     torchrun([*RUN, "trainer.max_epochs=1", "logger=none"], tmp_path / "two_ranks")
     last = tmp_path / "two_ranks" / "run" / "checkpoints" / "last.pt"
-    run_cli([*RUN, "logger=none", f"ckpt_path={last}"], tmp_path / "one_rank")  # epoch 2 of 2, in one process
+    # epoch 2 of 2, in one process (monitoring val/loss, which falls every epoch here: this new job dir gets
+    # its own best.pt, which the test split is scored with)
+    monitor_loss = ["trainer.monitor=val/loss", "trainer.monitor_mode=min"]
+    run_cli([*RUN, "logger=none", f"ckpt_path={last}", *monitor_loss], tmp_path / "one_rank")
     resumed = tmp_path / "one_rank" / "run"
     assert step_losses(resumed) == pytest.approx(step_losses(one_process)[STEPS_PER_EPOCH:], abs=1e-4)
     assert val_metrics(resumed)[-1] == pytest.approx(val_metrics(one_process)[-1], abs=1e-5)
@@ -132,7 +135,7 @@ def worker_pid(launcher_pid: int, rank: int) -> int | None:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 def test_a_killed_rank_ends_the_job_as_failed_and_it_resumes(tmp_path):
-    args = [*RUN, "trainer.max_epochs=12", "data.source.num_train=320"]
+    args = [*RUN, "trainer.strategy=ddp", "trainer.max_epochs=12", "data.source.num_train=320"]
     launcher = torchrun(args, tmp_path, background=True)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     deadline = time.time() + 300

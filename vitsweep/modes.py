@@ -22,7 +22,7 @@ from vitsweep.job import JobRecord, run_job
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.ranks import follow, leading
 from vitsweep.trainer.checkpoint import restore
-from vitsweep.trainer.distributed import is_follower
+from vitsweep.trainer.distributed import is_follower, rank_zero_first
 from vitsweep.trainer.loop import resolve_device, seed_everything
 from vitsweep.viz import confusion_matrix_figure, save_figure
 
@@ -59,7 +59,8 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     figure_report = instantiate(cfg.viz)  # a bad viz option fails now, not after training
     figure_report.check(model)
     resume_state = restore(model, cfg.ckpt_path) if cfg.ckpt_path else None
-    data = instantiate(cfg.data)
+    with rank_zero_first(cfg.trainer.ddp_timeout_s):  # DDP: one process downloads or fills the disk cache
+        data = instantiate(cfg.data)
     log.info("%s", model.summary())
     trainer = instantiate(cfg.trainer)
     model.to(trainer.device)
@@ -103,7 +104,9 @@ def evaluate(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None
         raise ValueError("mode=eval needs ckpt_path=PATH (a last.pt or best.pt written by run.py)")
     model = build_model(cfg, from_checkpoint=True)
     state = restore(model, cfg.ckpt_path)
-    data = instantiate(cfg.data, **trained_normalization(state))  # normalization=auto: the training run's stats
+    with rank_zero_first(cfg.trainer.ddp_timeout_s):  # DDP: one process downloads or fills the disk cache
+        # normalization=auto: the training run's stats
+        data = instantiate(cfg.data, **trained_normalization(state))
     logger.update_summary(normalization=data.normalization_stats())
     trainer = instantiate(cfg.trainer)
     model.to(trainer.device)

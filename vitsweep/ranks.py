@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -77,11 +77,11 @@ def leading(cfg: DictConfig) -> Iterator[None]:
     try:
         yield
     finally:
-        try:
+        # a follower that is gone already needs no telling
+        with suppress(RuntimeError):
             if not distributed.job_shared():
                 distributed.share_job(None, None)
-        finally:
-            distributed.stop()
+        distributed.stop()
 
 
 def quiet_logging(rank: int) -> None:

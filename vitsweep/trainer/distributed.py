@@ -28,7 +28,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,6 +141,24 @@ def receive_job() -> dict | None:
     message = [None]
     dist.broadcast_object_list(message, src=0)
     return message[0]
+
+
+@contextmanager
+def rank_zero_first(timeout_s: float) -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks once it is through (or failed): a download or a
+    disk cache (data=cifar10, data=imagefolder) is written by one process, then read by the others.
+    They wait at most timeout_s (trainer.ddp_timeout_s)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        yield
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if dist.get_rank() > 0:
+        dist.monitored_barrier(timeout=timeout)  # the bootstrap group: gloo, on the CPU
+    try:
+        yield
+    finally:
+        if dist.get_rank() == 0:
+            dist.monitored_barrier(timeout=timeout)
 
 
 # -------------------------------------------------------------------------- the trainer's ranks
