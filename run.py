@@ -5,7 +5,11 @@
     python run.py mode=eval ckpt_path=outputs/runs/.../checkpoints/best.pt
     python run.py -m optimizer.lr=1e-3,3e-4 model.depth=4,6
     python run.py --help                            # the config groups
+    torchrun --nproc_per_node=4 run.py data=cifar10 model=vit_tiny   # data-parallel (docs/scale.md)
 """
+
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -19,4 +23,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun's other ranks never compose a config nor make a job dir: rank 0 shares its job with them
+        from vitsweep.modes import follow_rank0
+
+        follow_rank0()
+        sys.exit(0)
     main()

@@ -63,7 +63,7 @@ def test_threads_key_sets_torch_threads(tmp_path):
 def slurm_launcher_config(overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
-    return OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)  # as the plugin gets them: instantiated
 
 
 def test_slurm_launcher_writes_a_requeueable_gpu_job(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.model.pretrained import PretrainedLoadError
+from vitsweep.trainer.distributed import share_job
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
     try:
         # the backend run starts before anything is built, so a job that fails early still shows as failed
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        share_job(config, job)  # DDP: the other ranks run this config, resume decided (vitsweep.ranks)
         job.resume_run_id = resumed_run_id(cfg)
         logger.start_backend(config={**config, "overrides": job.overrides}, job=job)
         value = modes[cfg.mode](cfg, job, logger)

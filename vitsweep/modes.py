@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from vitsweep.data.datamodule import trained_normalization
 from vitsweep.job import JobRecord, run_job
 from vitsweep.logger.run_logger import RunLogger
+from vitsweep.ranks import follow, leading
 from vitsweep.trainer.checkpoint import load_checkpoint, restore
+from vitsweep.trainer.distributed import is_follower, rank_zero_first
 from vitsweep.trainer.loop import resolve_device, seed_everything
 from vitsweep.viz import save_figure, split_figures
 
@@ -56,9 +58,10 @@ def log_test_metrics(trainer, model, data, task, job: JobRecord, logger: RunLogg
     """Score the test split, log it, and draw the task's figures of it (confusion matrix, scatter)."""
     metrics, evaluator = trainer.evaluate(model, data, "test", task, return_evaluator=True)
     logger.log(metrics, step=step, epoch=epoch)
-    figures = {f"test/{name}": save_figure(figure, job.job_dir / f"{name}.png")
-               for name, figure in split_figures(task, evaluator, data).items()}
-    logger.log_images(figures, step=step)
+    if trainer.ranks.is_main:  # DDP: rank 0 writes
+        figures = {f"test/{name}": save_figure(figure, job.job_dir / f"{name}.png")
+                   for name, figure in split_figures(task, evaluator, data).items()}
+        logger.log_images(figures, step=step)
     return metrics
 
 
@@ -70,7 +73,8 @@ def headline(metrics: dict[str, float], task) -> str:
 def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     seed_everything(cfg.seed)  # the initial weights depend on the seed alone
     task = instantiate(cfg.task)
-    model, data = model_and_data(cfg, task, from_checkpoint=bool(cfg.ckpt_path))
+    with rank_zero_first(cfg.trainer.ddp_timeout_s):  # DDP: one process downloads or fills the disk cache
+        model, data = model_and_data(cfg, task, from_checkpoint=bool(cfg.ckpt_path))
     if getattr(model, "load_report", None) is not None:
         logger.update_summary(pretrained=model.load_report.as_dict())
     figure_report = instantiate(cfg.viz)  # a bad viz option fails now, not after training
@@ -105,7 +109,8 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     final = best_val | test
     logger.update_summary(metrics=final)
     log.info("best checkpoint: %s", headline(final, task))
-    if figure_report.enabled_at_end:  # attention and explanations of the best checkpoint, on fixed images
+    # attention and explanations of the best checkpoint, on fixed images (DDP: rank 0 draws them)
+    if figure_report.enabled_at_end and trainer.ranks.is_main:
         figures = figure_report.write_for(model, data, cfg.model.image_size, job.job_dir / "figures", task=task)
         logger.log_images(figures, step=result.steps)
         log.info("figures: %d PNGs in %s", len(figures), job.job_dir / "figures")
@@ -123,8 +128,9 @@ def evaluate(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None
         raise ValueError("mode=eval needs ckpt_path=PATH (a last.pt or best.pt written by run.py)")
     task = instantiate(cfg.task)
     state = load_checkpoint(cfg.ckpt_path)
-    model, data = model_and_data(cfg, task, from_checkpoint=True,
-                                 data_overrides=trained_normalization(state))  # normalization=auto: the run's stats
+    with rank_zero_first(cfg.trainer.ddp_timeout_s):  # DDP: one process downloads or fills the disk cache
+        model, data = model_and_data(cfg, task, from_checkpoint=True,
+                                     data_overrides=trained_normalization(state))  # normalization=auto: the run's
     restore(model, cfg.ckpt_path, checkpoint=state)
     task.setup_task(data, model)
     restore_task(task, state)
@@ -163,5 +169,14 @@ MODES = {"train": train, "eval": evaluate, "visualize": visualize}
 
 
 def run(cfg: DictConfig) -> float:
-    """The job `run.py` starts: the mode `cfg.mode`, with the bookkeeping of `vitsweep.job`."""
-    return run_job(cfg, MODES)
+    """The job `run.py` starts: the mode `cfg.mode`, with the bookkeeping of `vitsweep.job`. Data-parallel
+    (vitsweep.ranks): rank 0 leads the job; a SLURM task after the first follows it."""
+    if is_follower():
+        return follow(MODES)
+    with leading(cfg):
+        return run_job(cfg, MODES)
+
+
+def follow_rank0() -> float:
+    """torchrun's ranks > 0 (run.py): rank 0's job, with its config, writing nothing."""
+    return follow(MODES)

@@ -212,14 +212,17 @@ class DataModule:
             return torch.randperm(n, generator=generator)
         return torch.multinomial(self.sample_weights, n, replacement=True, generator=generator)
 
-    def train_batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, Targets]]:
+    def train_batches(self, epoch: int, seed: int, skip: int = 0, rank: int = 0,
+                      world_size: int = 1) -> Iterator[tuple[torch.Tensor, Targets]]:
         """Shuffled (images in [0, 1], targets) batches; the order depends only on (seed, epoch), so a
         resumed run sees the same batches. `skip` drops the first batches (mid-epoch resume). Crop
-        positions come from the global RNG, which the trainer seeds per epoch and checkpoints mid-epoch."""
+        positions come from the global RNG, which the trainer seeds per epoch and checkpoints mid-epoch.
+        Data-parallel: batch_size is the global batch; rank r of world_size gets its r-th equal share."""
         train = self.splits.train
         order = self.epoch_order(epoch, seed).to(self.device)
+        share = self.batch_size // world_size
         for step in range(skip, self.steps_per_epoch()):
-            index = order[step * self.batch_size:(step + 1) * self.batch_size]
+            index = order[step * self.batch_size + rank * share:step * self.batch_size + (rank + 1) * share]
             images, targets = train.images[index], map_targets(lambda t, index=index: t[index], train.labels)
             if self.crop_size < self.image_size:  # on the stored dtype: fewer bytes to move
                 images, targets = random_crops(images, self.crop_size, targets)
@@ -234,15 +237,18 @@ class DataModule:
         windows = [images[..., top:top + size, left:left + size] for top in offsets for left in offsets]
         return torch.stack(windows, dim=1).flatten(0, 1)
 
-    def eval_batches(self, split: str, all_views: bool = False) -> Iterator[tuple[torch.Tensor, Targets]]:
+    def eval_batches(self, split: str, all_views: bool = False, rank: int = 0,
+                     world_size: int = 1) -> Iterator[tuple[torch.Tensor, Targets]]:
         """(images in [0, 1], targets) of a split, in order: one input per target, the centre window when
         cropping (masks cut to the same window). all_views (the trainer's evaluation): every window of
         data.eval_crop per image, consecutive, (B * eval_views, C, crop, crop); the trainer averages
-        each image's outputs over them."""
+        each image's outputs over them. Data-parallel: rank r of world_size gets the r-th contiguous share
+        of the same batches."""
         data = self.split(split)
         offsets = self.eval_offsets if all_views else [self.center_offset]
         per_batch = max(1, self.eval_batch_size // len(offsets) ** 2)
-        for start in range(0, len(data), per_batch):
+        starts = range(0, len(data), per_batch)
+        for start in starts[rank * len(starts) // world_size:(rank + 1) * len(starts) // world_size]:
             stored = data.images[start:start + per_batch]
             targets = map_targets(lambda t, start=start: t[start:start + per_batch], data.labels)
             targets = map_masks(lambda m: self.eval_windows(m[:, None], [self.center_offset])[:, 0], targets, stored)

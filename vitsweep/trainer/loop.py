@@ -6,6 +6,10 @@ Reproducibility: every RNG is reseeded from (seed, epoch) at the start of each e
 order is a function of (seed, epoch), so a run resumed from `last.pt` follows the same path as an
 uninterrupted one. A mid-epoch stop (trainer.max_time) saves the RNG states and the position in
 the epoch, and resumes from exactly there.
+
+Data-parallel (trainer.strategy=ddp): each rank trains on its share of every global batch, its own
+RNG stream seeded from (seed, epoch, rank); the lines marked `DDP:` are the hooks, and what they do is
+vitsweep.trainer.distributed. With one process they change nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from timm.utils import ModelEmaV3
 
 from vitsweep.task.base import average_views
 from vitsweep.trainer.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from vitsweep.trainer.distributed import join_ranks
 from vitsweep.trainer.progress import Progress, use_bar
 
 log = logging.getLogger(__name__)
@@ -67,13 +72,17 @@ class Trainer:
                  precision: str = "auto", compile: str | bool = "auto", gradient_clip_val: float | None = 1.0,
                  accumulate_grad_batches: int = 1, monitor: str = "val/acc", monitor_mode: str = "max",
                  log_every_n_steps: int = 50, progress_bar: bool | str = "auto",
-                 progress_interval_s: float | None = 30.0, ema_decay: float | None = None):
+                 progress_interval_s: float | None = 30.0, ema_decay: float | None = None,
+                 strategy: str = "auto", ddp_timeout_s: float = 600):
         if monitor_mode not in ("max", "min"):
             raise ValueError(f"trainer.monitor_mode={monitor_mode!r} is not one of: max, min")
         if accumulate_grad_batches < 1:
             raise ValueError(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
         self.max_epochs, self.max_time = max_epochs, max_time
         self.device = resolve_device(device)
+        # DDP: this process's rank in the job, and its device (cuda:LOCAL_RANK); vitsweep.trainer.distributed
+        self.ranks = join_ranks(strategy, self.device, ddp_timeout_s)
+        self.device = self.ranks.device
         if precision == "auto":  # bf16 where the hardware has it; fp32 on CPU (bf16 is ~10x slower there)
             precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "32"
         if precision not in ("32", "bf16", "16"):
@@ -83,7 +92,8 @@ class Trainer:
         self.gradient_clip_val, self.accumulate = gradient_clip_val, accumulate_grad_batches
         self.monitor, self.monitor_mode = monitor, monitor_mode
         self.log_every_n_steps = log_every_n_steps
-        self.progress_bar, self.progress_interval_s = use_bar(progress_bar), progress_interval_s
+        self.progress_bar = use_bar(progress_bar) and self.ranks.is_main  # DDP: rank 0's bar only
+        self.progress_interval_s = progress_interval_s
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ValueError(f"trainer.ema_decay={ema_decay} must be in (0, 1), e.g. 0.999, or null for no EMA")
         self.ema_decay = ema_decay
@@ -108,16 +118,32 @@ class Trainer:
         the task's evaluator, which holds what it scored (for figures: confusion matrix, scatter)."""
         model.eval()
         evaluator = task.task_evaluator()
-        for images, targets in data.eval_batches(split, all_views=True):
+        kept_outputs, kept_targets = [], []  # DDP: this rank's share, gathered below
+        for images, targets in data.eval_batches(split, all_views=True, rank=self.ranks.rank,
+                                                 world_size=self.ranks.world_size):  # DDP: this rank's share
             with self.autocast():
                 outputs = model(data.normalize(images))  # (B * views, ...), views > 1 if eval_crop=tiled
-            evaluator.update(average_views(outputs, data.eval_views), targets)  # each image's views averaged
+            outputs = average_views(outputs, data.eval_views)  # each image's views averaged
+            if self.ranks.distributed:
+                kept_outputs.append(outputs)
+                kept_targets.append(targets)
+            else:
+                evaluator.update(outputs, targets)
+        if self.ranks.distributed:  # every rank's share, in order: the metrics are over the whole split
+            evaluator.update(self.gather(kept_outputs), self.gather(kept_targets))
         metrics = evaluator.compute(split)
         return (metrics, evaluator) if return_evaluator else metrics
+
+    def gather(self, chunks: list):
+        """Every rank's batches of outputs or targets (tensors, or dicts of them), joined in rank order."""
+        if chunks and isinstance(chunks[0], dict):
+            return {name: self.ranks.gather_rows([chunk[name] for chunk in chunks]) for name in chunks[0]}
+        return self.ranks.gather_rows(chunks)
 
     def fit(self, model, data, augment, task, optimizer, scheduler, logger, ckpt_dir: Path, seed: int,
             checkpoint_extra: dict, resume_state: dict | None = None) -> FitResult:
         raw_model = model  # the un-compiled module: its state_dict has the plain parameter names
+        model = self.ranks.wrap(model)  # DDP: DistributedDataParallel; before compile, as torch advises
         if self.compile:
             model = torch.compile(model)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "16")
@@ -125,6 +151,7 @@ class Trainer:
         if steps_per_epoch < 1:
             raise ValueError(f"data.batch_size={data.batch_size} x trainer.accumulate_grad_batches={self.accumulate} "
                              f"exceeds the {len(data.split('train'))} training images: lower data.batch_size")
+        self.ranks.check_batch_size(data.batch_size)
         epoch, step, skip_batches, elapsed_before = 0, 0, 0, 0.0
         best_value, best_epoch, best_metrics = None, None, None
         if resume_state is not None:  # continue the run that wrote last.pt
@@ -144,25 +171,32 @@ class Trainer:
         start_time = time.time() - elapsed_before  # max_time counts the time before a resume too
 
         def checkpoint(name: str, epoch: int, batch_in_epoch: int) -> None:
-            weights = ({"model": raw_model.state_dict()} if ema is None
-                       else {"model": ema.module.state_dict(), "raw_model": raw_model.state_dict()})
-            save_checkpoint(ckpt_dir / name, {
-                **weights, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
-                "best_value": best_value, "best_epoch": best_epoch, "best_metrics": best_metrics,
-                "elapsed_s": time.time() - start_time,
-                "rng": capture_rng_state(), **checkpoint_extra,
-            })
+            rng_by_rank = self.ranks.rng_states(capture_rng_state())  # DDP: every rank's, to resume mid-epoch
+            if self.ranks.is_main:  # DDP: rank 0 writes, the other ranks hold the same weights
+                weights = ({"model": raw_model.state_dict()} if ema is None
+                           else {"model": ema.module.state_dict(), "raw_model": raw_model.state_dict()})
+                save_checkpoint(ckpt_dir / name, {
+                    **weights, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
+                    "best_value": best_value, "best_epoch": best_epoch, "best_metrics": best_metrics,
+                    "elapsed_s": time.time() - start_time,
+                    "rng": rng_by_rank[0], **({"rng_by_rank": rng_by_rank} if len(rng_by_rank) > 1 else {}),
+                    **checkpoint_extra,
+                })
+            self.ranks.barrier()  # DDP: the other ranks read what rank 0 wrote (best.pt, after fit)
 
         stopped_by_time = False
         while epoch < self.max_epochs and not stopped_by_time:
             model.train()
-            if skip_batches == 0:
-                seed_everything(seed * 1000 + epoch)
+            # DDP: each rank its own stream, seeded from (seed, epoch, rank); rank 0's is single-process
+            if skip_batches == 0 or self.ranks.stored_rng_state(resume_state) is None:
+                seed_everything(self.ranks.seed(seed * 1000 + epoch))
             else:
-                restore_rng_state(resume_state["rng"])  # mid-epoch resume: the exact RNG position
-            batches = data.train_batches(epoch, seed, skip=skip_batches * self.accumulate)
+                # mid-epoch resume: the exact RNG position
+                restore_rng_state(self.ranks.stored_rng_state(resume_state))
+            batches = data.train_batches(epoch, seed, skip=skip_batches * self.accumulate,
+                                         rank=self.ranks.rank, world_size=self.ranks.world_size)  # DDP: a share
             batch_in_epoch = skip_batches
             skip_batches = 0
             epoch_loss, epoch_images = torch.zeros((), device=self.device), 0
@@ -171,6 +205,7 @@ class Trainer:
             progress = Progress(steps_per_epoch, batch_in_epoch, f"epoch {epoch}", self.progress_bar,
                                 self.progress_interval_s)
             for micro_step, (images, targets) in enumerate(batches):
+                self.ranks.sync_gradients((micro_step + 1) % self.accumulate == 0)  # DDP: on the last micro-batch
                 images, targets = augment(images, targets)
                 with self.autocast():
                     outputs = model(data.normalize(images))  # logits (B, K), or what the task's heads return
@@ -199,11 +234,12 @@ class Trainer:
                 window_loss += loss_detached
                 window_steps += 1
                 if step % self.log_every_n_steps == 0 or batch_in_epoch == steps_per_epoch:
-                    mean_loss = (window_loss / window_steps).item()
+                    mean_loss = self.ranks.mean(window_loss / window_steps).item()  # DDP: of the global batch
                     if not math.isfinite(mean_loss):
                         raise FloatingPointError(f"training loss is {mean_loss} at step {step}: lower optimizer.lr "
                                                  f"or set trainer.gradient_clip_val")
-                    images_per_s = window_steps * images.shape[0] * self.accumulate / (time.time() - window_start)
+                    images_per_s = (window_steps * images.shape[0] * self.accumulate * self.ranks.world_size
+                                    / (time.time() - window_start))
                     lr = optimizer.param_groups[0]["lr"]
                     logger.log({"train/loss_step": mean_loss, "lr": lr, "train/images_per_s": images_per_s},
                                step=step, epoch=epoch)
@@ -213,12 +249,17 @@ class Trainer:
                     window_loss.zero_()
                     window_steps, window_start = 0, time.time()
                 progress.update(1)
-                if self.max_time is not None and time.time() - start_time > self.max_time:
+                # DDP: every rank stops at the same step (any rank's clock decides)
+                if self.max_time is not None and self.ranks.any(time.time() - start_time > self.max_time):
                     stopped_by_time = batch_in_epoch < steps_per_epoch
                     break
             progress.close()
 
             epoch_done = not stopped_by_time
+            # DDP: the sums over every rank's images
+            names = list(epoch_scores)
+            epoch_loss, epoch_images, *totals = self.ranks.sum(epoch_loss, epoch_images, *epoch_scores.values())
+            epoch_scores = dict(zip(names, totals))
             metrics = {"train/loss": (epoch_loss / max(epoch_images, 1)).item(),
                        **{f"train/{name}": (total / max(epoch_images, 1)).item() for name, total in epoch_scores.items()}}
             metrics.update(self.evaluate(raw_model if ema is None else ema.module, data, "val", task))
@@ -237,6 +278,6 @@ class Trainer:
             else:
                 checkpoint("last.pt", epoch, batch_in_epoch)  # resume mid-epoch from here
             logger.update_summary(best_value=best_value, best_epoch=best_epoch, epochs_completed=epoch, steps=step)
-            if self.max_time is not None and time.time() - start_time > self.max_time:
+            if self.max_time is not None and self.ranks.any(time.time() - start_time > self.max_time):
                 stopped_by_time = True
         return FitResult(best_value, best_epoch, epoch, step, stopped_by_time, best_metrics)
