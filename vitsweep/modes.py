@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from vitsweep.data.datamodule import trained_normalization
 from vitsweep.job import JobRecord, run_job
 from vitsweep.logger.run_logger import RunLogger
-from vitsweep.trainer.checkpoint import restore
+from vitsweep.trainer import interrupt
+from vitsweep.trainer.checkpoint import carry_best_forward, restore
 from vitsweep.trainer.loop import resolve_device, seed_everything
 from vitsweep.viz import confusion_matrix_figure, save_figure
 
@@ -44,6 +45,12 @@ def log_test_metrics(trainer, model, data, loss_fn, job: JobRecord, logger: RunL
     return metrics
 
 
+def skipped_files(data) -> dict:
+    """summary.json fields: how many unreadable files data.on_bad_file=skip left out, and the first 100."""
+    files = data.splits.skipped_files
+    return {"num_skipped_files": len(files), "skipped_files": files[:100]}
+
+
 def headline(metrics: dict[str, float]) -> str:
     """'val/acc 0.9312  test/acc 0.9100 ...' without the per-class values (those are in metrics.jsonl)."""
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.count("/") < 2)
@@ -57,6 +64,8 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     figure_report = instantiate(cfg.viz)  # a bad viz option fails now, not after training
     figure_report.check(model)
     resume_state = restore(model, cfg.ckpt_path) if cfg.ckpt_path else None
+    if resume_state is not None:  # into a new job dir: the run's best.pt comes along, so the test scores the best
+        carry_best_forward(cfg.ckpt_path, job.checkpoint_dir, resume_state)
     data = instantiate(cfg.data)
     log.info("%s", model.summary())
     trainer = instantiate(cfg.trainer)
@@ -72,11 +81,12 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"].update(data.normalization_stats())  # the mean/std in use (computed if normalization=auto)
     logger.update_summary(num_params=sum(p.numel() for p in model.parameters()),
-                          normalization=data.normalization_stats())
+                          normalization=data.normalization_stats(), **skipped_files(data))
 
-    result = trainer.fit(model, data, augment, loss_fn, optimizer, scheduler, logger, job.checkpoint_dir,
-                         seed=cfg.seed, checkpoint_extra={"config": config, "wandb_id": logger.run_id},
-                         resume_state=resume_state)
+    with interrupt.at_step_boundaries():  # a signal stops training after the running step, with last.pt saved
+        result = trainer.fit(model, data, augment, loss_fn, optimizer, scheduler, logger, job.checkpoint_dir,
+                             seed=cfg.seed, checkpoint_extra={"config": config, "wandb_id": logger.run_id},
+                             resume_state=resume_state)
     logger.update_summary(best_value=result.best_value, best_epoch=result.best_epoch,
                           epochs_completed=result.epochs_completed, steps=result.steps,
                           stopped_by_time=result.stopped_by_time)
@@ -101,7 +111,7 @@ def evaluate(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None
     model = build_model(cfg, from_checkpoint=True)
     state = restore(model, cfg.ckpt_path)
     data = instantiate(cfg.data, **trained_normalization(state))  # normalization=auto: the training run's stats
-    logger.update_summary(normalization=data.normalization_stats())
+    logger.update_summary(normalization=data.normalization_stats(), **skipped_files(data))
     trainer = instantiate(cfg.trainer)
     model.to(trainer.device)
     data.to(trainer.device)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from vitsweep.data.imagefolder import decode_cached
+from vitsweep.data.imagefolder import decode_cached, kept
 from vitsweep.data.splits import Split, Splits, carve_validation
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -81,7 +81,7 @@ def load_csv(root: str, image_size: int, in_channels: int = 3, channels_last: bo
              image_column: str = "image", label_columns: str | Sequence[str] = "label",
              split_column: str | None = "split", metadata_columns: str | Sequence[str] = "auto",
              cache_dir: str | None = None, test_fraction: float = 0.2, val_fraction: float = 0.1,
-             split_seed: int = 0) -> Splits:
+             split_seed: int = 0, on_bad_file: str = "error") -> Splits:
     manifest = Path(root).expanduser().resolve()
     if not manifest.is_file():
         raise FileNotFoundError(f"data.root={manifest} is not a file: with data=csv, point data.root at the "
@@ -104,9 +104,13 @@ def load_csv(root: str, image_size: int, in_channels: int = 3, channels_last: bo
     if missing is not None:
         raise FileNotFoundError(f"data=csv: row {missing + 2} names {paths[missing]}, which does not exist: "
                                 f"image paths are relative to the CSV's folder")
-    images = decode_cached({"rows": paths}, image_size, in_channels, channels_last, cache_dir,
-                           f"csv-{manifest.stem}")["rows"]
-    everything = Split(images, labels, metadata)
+    tensors, skipped = decode_cached({"rows": paths}, image_size, in_channels, channels_last, cache_dir,
+                                     f"csv-{manifest.stem}", on_bad_file)
+    if skipped["rows"]:  # unreadable files left out (data.on_bad_file=skip): their rows go too
+        rows = kept(rows, skipped["rows"])
+        index = torch.tensor(kept(list(range(len(labels))), skipped["rows"]), dtype=torch.int64)
+        labels, metadata = labels[index], None if metadata is None else metadata[index]
+    everything = Split(tensors["rows"], labels, metadata)
 
     val = None
     if split_column and split_column in columns:
@@ -129,4 +133,5 @@ def load_csv(root: str, image_size: int, in_channels: int = 3, channels_last: bo
         train, test = carve_validation(everything, test_fraction, split_seed)  # the same stratified hold-out
     if val is None:
         train, val = carve_validation(train, val_fraction, split_seed)
-    return Splits(train, val, test, class_names=class_names)
+    return Splits(train, val, test, class_names=class_names,
+                  skipped_files=[str(paths[i]) for i in skipped["rows"]])

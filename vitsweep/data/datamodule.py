@@ -85,9 +85,9 @@ class DataModule:
                  normalization: str = "fixed", crop_size: int | None = None, eval_crop: str = "center",
                  balance_ratio: float | None = None, balance_class: int | str | None = None,
                  label_granularity: str = "image", root: str | None = None, channels_last: bool | None = None,
-                 resize_to: int | None = None):
-        # root and channels_last are read by `source` (as ${..root}): they sit at the top of data/*.yaml
-        # because that is where users set them, and the DataModule itself has no use for them
+                 resize_to: int | None = None, on_bad_file: str = "error"):
+        # root, channels_last and on_bad_file are read by `source` (as ${..root}): they sit at the top of
+        # data/*.yaml because that is where users set them, and the DataModule itself has no use for them
         if label_granularity not in LABEL_GRANULARITIES:
             raise ValueError(f"data.label_granularity={label_granularity} is not built yet: only image (one label "
                              f"per image) is; patch- and pixel-level labels come with the task-objective options")
@@ -104,6 +104,11 @@ class DataModule:
         if len(self.class_names) and len(self.class_names) != num_classes:
             raise ValueError(f"data.num_classes={num_classes} but the data has {len(self.class_names)} classes "
                              f"({', '.join(self.class_names[:5])}...): set data.num_classes={len(self.class_names)}")
+        single_label = train.labels.dim() == 1
+        present = len(train.labels.unique()) if single_label else int((train.labels.sum(0) > 0).sum())
+        if num_classes < 2 or present < 2:  # refused here, not after an epoch (torchmetrics needs 2 classes)
+            raise ValueError(f"data.num_classes={num_classes} and the training split holds {present} class(es): a "
+                             f"classifier needs at least 2 classes to train on: add images of another class")
 
         self.crop_size = image_size if crop_size is None else crop_size
         if not 0 < self.crop_size <= image_size:

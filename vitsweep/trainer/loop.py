@@ -23,6 +23,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from vitsweep.metrics import ClassificationMetrics
+from vitsweep.trainer import interrupt
 from vitsweep.trainer.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from vitsweep.trainer.progress import Progress, use_bar
 
@@ -208,6 +209,10 @@ class Trainer:
                     window_loss.zero_()
                     window_steps, window_start = 0, time.time()
                 progress.update(1)
+                if interrupt.requested():  # SIGTERM/SIGINT (trainer/interrupt.py): keep this step exactly, then stop
+                    progress.close()
+                    checkpoint("last.pt", epoch, batch_in_epoch)
+                    interrupt.stop(f"epoch {epoch}, step {step} (last.pt saved mid-epoch)")
                 if self.max_time is not None and time.time() - start_time > self.max_time:
                     stopped_by_time = batch_in_epoch < steps_per_epoch
                     break
@@ -232,6 +237,8 @@ class Trainer:
             else:
                 checkpoint("last.pt", epoch, batch_in_epoch)  # resume mid-epoch from here
             logger.update_summary(best_value=best_value, best_epoch=best_epoch, epochs_completed=epoch, steps=step)
+            if interrupt.requested():  # the signal came during validation: last.pt above holds this point
+                interrupt.stop(f"epoch {epoch}, step {step} (last.pt saved)")
             if self.max_time is not None and time.time() - start_time > self.max_time:
                 stopped_by_time = True
         return FitResult(best_value, best_epoch, epoch, step, stopped_by_time, best_metrics)
