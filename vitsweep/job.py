@@ -178,8 +178,11 @@ class PrepareSweepDir(Callback):
 
 def user_error(err: BaseException) -> BaseException | None:
     """The ValueError/FileNotFoundError behind a Hydra InstantiationException, if that is what it is."""
+    built = err if isinstance(err, InstantiationException) else None
     while isinstance(err, InstantiationException) and err.__cause__ is not None:
         err = err.__cause__
+    if built is not None and isinstance(err, Exception) and not isinstance(err, USER_ERRORS):
+        return config_error(built, err)
     if isinstance(err, InterpolationToMissingValueError):  # e.g. model.image_size: ${data.image_size}, unset
         missing = re.search(r"Missing mandatory value: (\S+)", err.msg)
         key = missing.group(1) if missing else err.full_key
@@ -187,6 +190,17 @@ def user_error(err: BaseException) -> BaseException | None:
     if isinstance(err, MissingMandatoryValue):
         return ValueError(f"{err.full_key} has no value: set it on the command line ({err.full_key}=...)")
     return err if isinstance(err, USER_ERRORS) else None
+
+
+def config_error(built: InstantiationException, cause: Exception) -> ValueError:
+    """A component its config section could not build (a string where a number goes, a zero that divides):
+    the values are the user's, so one line naming the section and what failed, not a traceback."""
+    section = re.search(r"full_key: (\S+)", str(built))
+    target = re.search(r"target '([^']+)'", str(built))
+    key = section.group(1) if section else "the config"
+    reason = (str(cause).strip().splitlines() or [""])[0]
+    return ValueError(f"{key}: {target.group(1) if target else 'a component'} cannot be built from it "
+                      f"({type(cause).__name__}: {reason}): check the {key}.* values for a wrong type or range")
 
 
 def set_threads(cfg: DictConfig) -> None:
@@ -218,8 +232,6 @@ def stop_on_signal(err: interrupt.Interrupted, job: JobRecord, logger: RunLogger
 def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
     """One Hydra job: `modes[cfg.mode]` wrapped in the bookkeeping above. Returns the monitored metric
     (for sweepers); NaN when a multirun job failed (under Optuna the failure is raised instead)."""
-    if cfg.mode not in modes:
-        raise UserError(f"mode={cfg.mode} is not one of: {', '.join(modes)}")
     job = JobRecord.from_hydra(cfg)
     if cfg.mode == "train" and (cfg.get("resume") or requeued_by_slurm() or requeued_by_submitit(job.job_dir)):
         stored_value = resume(cfg, job)
@@ -235,6 +247,8 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
     # a second signal exits at once: the record says interrupted, not running
     interrupt.on_abort(lambda signum: logger.update_summary(status="interrupted", error=f"aborted by signal {signum}"))
     try:
+        if cfg.mode not in modes:  # inside: a sweep records it as this job's failure and goes on
+            raise ValueError(f"mode={cfg.mode} is not one of: {', '.join(modes)}")
         # eval, visualize and resume: the model, data shape and normalization of the checkpoint
         adopt_trained_config(cfg, job.overrides)
         # the backend run starts before anything is built, so a job that fails early still shows as failed

@@ -11,6 +11,7 @@ policy) is `vitsweep.job`.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -28,10 +29,40 @@ from vitsweep.viz import confusion_matrix_figure, save_figure
 log = logging.getLogger(__name__)
 
 
+def as_pair(side) -> tuple:
+    return tuple(side) if OmegaConf.is_list(side) or isinstance(side, (list, tuple)) else (side, side)
+
+
+def check_input_size(cfg: DictConfig) -> None:
+    """The side the data serves (the crop, then data.resize_to) is the side the model is built for."""
+    served = OmegaConf.select(cfg, "data.resize_to") or OmegaConf.select(cfg, "data.crop_size")
+    expected = OmegaConf.select(cfg, "model.image_size")
+    if served is not None and expected is not None and as_pair(served) != as_pair(expected):
+        raise ValueError(f"the data serves {served} px images (data.crop_size, then data.resize_to) but "
+                         f"model.image_size={expected}: set model.image_size={served}")
+
+
+def check_forward(model: torch.nn.Module, cfg: DictConfig) -> None:
+    """One training-mode forward pass of a copy of the model on two blank images of the configured shape:
+    values its constructors accept but its forward rejects (model.dropout=2, model.norm.eps=bogus) fail
+    here, in one line, before any data is read. The copy and a forked RNG leave the run as it was."""
+    images = torch.zeros(2, cfg.model.in_channels, *as_pair(cfg.model.image_size))  # (B, C, H, W)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            copy.deepcopy(model).train()(images)
+    except Exception as err:  # noqa: BLE001 -- whatever the forward raised, the model's values caused it
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"model: the configured model cannot run a forward pass ({type(err).__name__}: {reason}): "
+                         f"check the model.* values for a wrong type or range") from None
+
+
 def build_model(cfg: DictConfig, from_checkpoint: bool = False) -> torch.nn.Module:
     """The model of cfg.model. `from_checkpoint`: every weight will come from ckpt_path, so the factory
     does not load model.pretrained first (for timm:NAME that would be a download)."""
-    return instantiate(cfg.model, pretrained=None) if from_checkpoint else instantiate(cfg.model)
+    check_input_size(cfg)  # a mismatch would fail in the first forward pass, after the data is read
+    model = instantiate(cfg.model, pretrained=None) if from_checkpoint else instantiate(cfg.model)
+    check_forward(model, cfg)
+    return model
 
 
 def log_test_metrics(trainer, model, data, loss_fn, job: JobRecord, logger: RunLogger, step: int,

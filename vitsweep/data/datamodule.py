@@ -91,6 +91,12 @@ class DataModule:
         if label_granularity not in LABEL_GRANULARITIES:
             raise ValueError(f"data.label_granularity={label_granularity} is not built yet: only image (one label "
                              f"per image) is; patch- and pixel-level labels come with the task-objective options")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("in_channels", in_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{key}={value} must be a whole number >= 1")
+        empty = [name for name in ("train", "val", "test") if not len(getattr(source, name))]
+        if empty:
+            raise ValueError(f"data: the {' and '.join(empty)} split holds no images: check data.root / data.source")
         self.splits, self.class_names = source, source.class_names
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,12 @@ class WandbLogger:
         if self.mode != "online":
             self.run = wandb.init(mode=self.mode, **run_args)
             return self.run.id
+        earlier = set(Path(job_dir).glob("wandb/run-*"))
         try:
             self.run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=self.init_timeout_s), **run_args)
         except Exception as err:  # noqa: BLE001 -- unreachable, timed out, refused: whatever it was, train offline
+            for attempt in set(Path(job_dir).glob("wandb/run-*")) - earlier:  # the failed attempt holds no data:
+                shutil.rmtree(attempt, ignore_errors=True)                  # only the offline run is this job's
             reason = (str(err).strip().splitlines() or [""])[0]
             log.warning("W&B online init failed within logger.init_timeout_s=%gs (%s: %s): logging offline in %s; "
                         "`wandb sync` uploads it later", self.init_timeout_s, type(err).__name__, reason,

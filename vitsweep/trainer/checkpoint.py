@@ -50,7 +50,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     """The checkpoint at `path`; `mmap`: tensors stay on the disk until read (a cheap look at its config)."""
-    path = Path(path).expanduser()
+    path = Path(str(path)).expanduser()  # str: a number on the command line (ckpt_path=1) is a path too
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} does not exist: pass the path of a last.pt or best.pt")
     try:

@@ -37,8 +37,16 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device != "auto":
-        return torch.device(device)
+    if device != "auto":  # checked here, in one line, not by the first tensor moved there
+        try:
+            resolved = torch.device(str(device))
+        except (RuntimeError, TypeError):
+            raise ValueError(f"trainer.device={device} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+        available = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available()), "cpu": 1}
+        if available.get(resolved.type, 1) <= (resolved.index or 0):
+            raise ValueError(f"trainer.device={device}, but this machine has {available[resolved.type]} "
+                             f"{resolved.type} device(s): use trainer.device=auto or cpu")
+        return resolved
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -67,6 +75,11 @@ class Trainer:
             raise ValueError(f"trainer.monitor_mode={monitor_mode!r} is not one of: max, min")
         if accumulate_grad_batches < 1:
             raise ValueError(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
+        for key, value in (("max_epochs", max_epochs), ("log_every_n_steps", log_every_n_steps)):
+            if not isinstance(value, int) or value < 1:  # 0 would train nothing, or divide by zero
+                raise ValueError(f"trainer.{key}={value} must be a whole number >= 1")
+        if gradient_clip_val is not None and not (isinstance(gradient_clip_val, (int, float)) and gradient_clip_val >= 0):
+            raise ValueError(f"trainer.gradient_clip_val={gradient_clip_val} must be a max norm >= 0, or null: no clipping")
         self.max_epochs, self.max_time = max_epochs, max_time
         self.device = resolve_device(device)
         if precision == "auto":  # bf16 where the hardware has it; fp32 on CPU (bf16 is ~10x slower there)
