@@ -173,11 +173,14 @@ def test_an_override_that_contradicts_the_checkpoint_is_refused_in_one_line(trai
 
 @pytest.mark.slow
 def test_visualize_draws_the_model_that_was_trained(trained, tmp_path):
-    run_cli(["mode=visualize", "data=synthetic", f"ckpt_path={trained / 'checkpoints' / 'best.pt'}", "logger=none",
-             "viz.num_images=1", "viz.explain=[]"], tmp_path)
-    summary = read_summary(tmp_path / "run")
-    assert summary["status"] == "completed" and summary["figures"]
-    assert "model.norm_placement=post" in (tmp_path / "run" / "run.log").read_text()  # taken, and said so
+    """The attention maps drawn without the model options are those drawn with them: the same model."""
+    common = ["mode=visualize", "data=synthetic", f"ckpt_path={trained / 'checkpoints' / 'best.pt'}", "logger=none",
+              "viz.num_images=1", "viz.explain=[]"]
+    run_cli(common, tmp_path / "bare")
+    run_cli([*common, "model.norm_placement=post", "model/attention=local"], tmp_path / "told")
+    bare, told = (sorted((tmp_path / name / "run" / "figures").glob("*.png")) for name in ("bare", "told"))
+    assert [p.name for p in bare] == [p.name for p in told] and bare
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(bare, told))
 
 
 @pytest.mark.slow
@@ -413,7 +416,7 @@ def test_the_first_decode_shows_progress(tmp_path, caplog, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("content", ["some notes, not a checkpoint\n", "model: vit\ndepth: [1, 2]\n"],
+@pytest.mark.parametrize("content", ["some notes, not a checkpoint\n", "augment: none\nseed: [0, 1]\n"],
                          ids=["text", "yaml"])
 def test_a_file_that_is_not_a_checkpoint_gets_one_line(tmp_path, content):
     not_a_checkpoint = tmp_path / "best.pt"

@@ -109,15 +109,16 @@ def read_with_pillow(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as opened:
             opened.load()
-            image = opened.convert("RGBA" if "A" in opened.getbands() else "RGB") if opened.mode in ("P", "1", "CMYK",
-                                                                                                     "YCbCr") else opened
-            array = np.asarray(image)
+            if opened.mode in ("P", "1", "CMYK", "YCbCr", "LAB", "HSV"):  # palette, bilevel, print, video: to RGB(A)
+                opened = opened.convert("RGBA" if "transparency" in opened.info else "RGB")
+            array = np.asarray(opened)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:  # Pillow's parsers raise all of these
-        raise BadImageFile(f"{path} is not a readable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-                           f": fix or remove it, or set data.on_bad_file=skip to leave unreadable files out") from None
-    if array.dtype.byteorder == ">" or array.dtype == np.int32:  # 16-bit modes (I;16B) and 32-bit "I"
-        array = array.astype(np.uint16 if array.max(initial=0) < 2**16 else np.float32)
-    array = array[..., None] if array.ndim == 2 else array
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BadImageFile(f"{path} is not a readable image ({reason}): fix or remove it, or set "
+                           f"data.on_bad_file=skip to leave unreadable files out") from None
+    if array.dtype.byteorder == ">":  # big-endian 16-bit modes (I;16B): to the machine's order
+        array = array.astype(array.dtype.newbyteorder("="))
+    array = array[..., None] if array.ndim == 2 else array  # (H, W, C)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
