@@ -44,12 +44,19 @@ def offline_env(tmp_path: Path) -> dict:
 
 
 def run_cli(args: list[str], tmp_path: Path, multirun: bool = False, check: bool = True,
-            timeout: float = 900) -> subprocess.CompletedProcess:
-    """`python run.py [-m] args` with its outputs under tmp_path/run (or tmp_path/sweep for -m)."""
+            timeout: float = 900, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """`python run.py [-m] args` with its outputs under tmp_path/run (or tmp_path/sweep for -m); `env`:
+    variables to set on top of the offline environment (None removes one)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     where = f"hydra.sweep.dir={tmp_path / 'sweep'}" if multirun else f"hydra.run.dir={tmp_path / 'run'}"
     cmd = [sys.executable, str(ROOT / "run.py"), *(["-m"] if multirun else []), *args, where]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True,
+    environment = offline_env(tmp_path)
+    for name, value in (env or {}).items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
+    proc = subprocess.run(cmd, cwd=tmp_path, env=environment, capture_output=True, text=True,
                           timeout=timeout, check=False)  # `check` is ours: it prints the output on failure
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

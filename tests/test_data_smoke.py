@@ -46,9 +46,10 @@ def test_every_augment_option_trains(augment_sweep, option):
 @pytest.fixture(scope="module")
 def strategy_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("strategy")
-    run_cli(["data=digits", "data.batch_size=256", "data.crop_size=12", "data.eval_crop=center,tiled",
-             "model.patch_stride=2", "data.normalization=auto", "data.balance_ratio=0.3", "data.balance_class=1",
-             "data.label_granularity=image,patch", "logger=none", *TINY], tmp, multirun=True)
+    proc = run_cli(["data=digits", "data.batch_size=256", "data.crop_size=12", "data.eval_crop=center,tiled",
+                    "model.patch_stride=2", "data.normalization=auto", "data.balance_ratio=0.3", "data.balance_class=1",
+                    "data.label_granularity=image,patch", "logger=none", *TINY], tmp, multirun=True, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the label_granularity=patch jobs fail (docs/sweeps.md)
     return jobs_by_override(tmp / "sweep")
 
 

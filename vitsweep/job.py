@@ -5,7 +5,9 @@ SLURM requeue), threads per job, the run record's lifecycle, and the failure pol
 - bad input (a ValueError, a missing file, a NaN loss): one `error:` line, exit 2, no traceback;
 - any job that fails: its summary.json says failed with the reason, its W&B run ends with exit code 1;
 - in a multirun the failed job is recorded and the sweep goes on (it returns NaN; under Optuna it
-  raises, and the study records a FAIL trial).
+  raises, and the study records a FAIL trial);
+- SIGTERM / SIGINT / a SLURM preemption (vitsweep/trainer/interrupt.py): last.pt at the current step,
+  status `interrupted`, one line, exit 128 + signal (or submitit's requeue); `resume=true` continues it.
 
 What each mode does is in `vitsweep.modes`; this module does not import it (the modes come in as an
 argument), so the two can be read apart.
@@ -31,14 +33,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+from vitsweep.logger.atomic_file import OutputWriteError
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.model.pretrained import PretrainedLoadError
+from vitsweep.trained_config import adopt_trained_config
+from vitsweep.trainer import interrupt
 from vitsweep.trainer.distributed import share_job
 
 log = logging.getLogger(__name__)
 
-# bad input: one line, no traceback (PretrainedLoadError: model.pretrained can't be fetched or fitted)
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, PretrainedLoadError)
+# bad input: one line, no traceback (PretrainedLoadError: model.pretrained can't be fetched or fitted;
+# OutputWriteError: a full disk or a read-only folder, named by path)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, PretrainedLoadError, OutputWriteError)
 
 Mode = Callable[[DictConfig, "JobRecord", RunLogger], "float | None"]
 
@@ -104,13 +110,32 @@ def requeued_by_slurm() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
 
 
+def requeued_by_submitit(job_dir: Path) -> bool:
+    """submitit requeued this job after its preemption signal (recorded in summary.json by the attempt
+    it stopped); submitit_local restarts it with no SLURM_RESTART_COUNT to tell."""
+    path = job_dir / "summary.json"
+    if not os.environ.get("SUBMITIT_EXECUTOR") or not path.is_file():
+        return False
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return summary.get("status") == "interrupted" and bool(summary.get("requeued"))
+
+
+def how_to_run(overrides: list[str]) -> list[str]:
+    """The overrides that say how to run a job rather than which job it is: a training job resumed from
+    ckpt_path is the same job as the one that wrote it."""
+    return [o for o in overrides if not o.startswith(("ckpt_path=", "resume="))]
+
+
 def earlier_attempt(job_dir: Path, overrides: list[str]) -> dict | None:
     """The summary.json that an earlier run of this same job left in its job dir, or None if none ran."""
     path = job_dir / "summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    if sorted(summary.get("overrides") or []) != sorted(overrides):
+    if sorted(how_to_run(summary.get("overrides") or [])) != sorted(how_to_run(overrides)):
         other_job = " ".join(summary.get("overrides") or [])
         raise UserError(f"resume=true, but {job_dir} holds another job ({other_job}): resume with the command "
                         f"and hydra.sweep.dir of the sweep that wrote it")
@@ -129,7 +154,7 @@ def resume(cfg: DictConfig, job: JobRecord) -> float | None:
         log.info("[resume] %s completed before: skipped (%s best %s)", job.job_dir, summary.get("monitor"), best)
         return float("nan") if best is None else float(best)
     last = job.checkpoint_dir / "last.pt"
-    if last.is_file() and not cfg.ckpt_path:
+    if last.is_file():  # this job's own latest state, newer than any ckpt_path it was first started from
         cfg.ckpt_path = str(last)
         log.info("[resume] %s stopped early (%s): continuing from %s", job.job_dir, summary.get("status"), last)
     return None
@@ -154,8 +179,11 @@ class PrepareSweepDir(Callback):
 
 def user_error(err: BaseException) -> BaseException | None:
     """The ValueError/FileNotFoundError behind a Hydra InstantiationException, if that is what it is."""
+    built = err if isinstance(err, InstantiationException) else None
     while isinstance(err, InstantiationException) and err.__cause__ is not None:
         err = err.__cause__
+    if built is not None and isinstance(err, Exception) and not isinstance(err, USER_ERRORS):
+        return config_error(built, err)
     if isinstance(err, InterpolationToMissingValueError):  # e.g. model.image_size: ${data.image_size}, unset
         missing = re.search(r"Missing mandatory value: (\S+)", err.msg)
         key = missing.group(1) if missing else err.full_key
@@ -163,6 +191,17 @@ def user_error(err: BaseException) -> BaseException | None:
     if isinstance(err, MissingMandatoryValue):
         return ValueError(f"{err.full_key} has no value: set it on the command line ({err.full_key}=...)")
     return err if isinstance(err, USER_ERRORS) else None
+
+
+def config_error(built: InstantiationException, cause: Exception) -> ValueError:
+    """A component its config section could not build (a string where a number goes, a zero that divides):
+    the values are the user's, so one line naming the section and what failed, not a traceback."""
+    section = re.search(r"full_key: (\S+)", str(built))
+    target = re.search(r"target '([^']+)'", str(built))
+    key = section.group(1) if section else "the config"
+    reason = (str(cause).strip().splitlines() or [""])[0]
+    return ValueError(f"{key}: {target.group(1) if target else 'a component'} cannot be built from it "
+                      f"({type(cause).__name__}: {reason}): check the {key}.* values for a wrong type or range")
 
 
 def set_threads(cfg: DictConfig) -> None:
@@ -174,13 +213,28 @@ def set_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(threads)
 
 
+def stop_on_signal(err: interrupt.Interrupted, job: JobRecord, logger: RunLogger):
+    """A signal stopped the job: record it as interrupted, finish the W&B run, say so in one line, and
+    exit with 128 + signal, or let submitit requeue it (then the next attempt resumes by itself)."""
+    requeue = interrupt.will_requeue(err)
+    logger.update_summary(requeued=requeue)
+    logger.finish(status="interrupted", error=err.signal_name + (f" at {err.where}" if err.where else ""))
+    if requeue:
+        how = "submitit requeues it and it resumes from last.pt"
+    else:
+        where = f"hydra.sweep.dir={job.job_dir.parent}" if job.multirun else f"hydra.run.dir={job.job_dir}"
+        how = f"continue it with the same command plus {where} resume=true"
+    log.warning("interrupted by %s%s: status interrupted; %s", err.signal_name,
+                f" at {err.where}" if err.where else "", how)
+    interrupt.exit_for(err)
+
+
+@interrupt.signals_handled  # SIGTERM/SIGINT/preemption while the job runs (vitsweep/trainer/interrupt.py)
 def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
     """One Hydra job: `modes[cfg.mode]` wrapped in the bookkeeping above. Returns the monitored metric
     (for sweepers); NaN when a multirun job failed (under Optuna the failure is raised instead)."""
-    if cfg.mode not in modes:
-        raise UserError(f"mode={cfg.mode} is not one of: {', '.join(modes)}")
     job = JobRecord.from_hydra(cfg)
-    if cfg.mode == "train" and (cfg.get("resume") or requeued_by_slurm()):
+    if cfg.mode == "train" and (cfg.get("resume") or requeued_by_slurm() or requeued_by_submitit(job.job_dir)):
         stored_value = resume(cfg, job)
         if stored_value is not None:
             return stored_value
@@ -189,9 +243,15 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
         "monitor": cfg.trainer.monitor, "monitor_mode": cfg.trainer.monitor_mode, "best_value": None,
         "best_epoch": None, "overrides": job.overrides, "seed": cfg.seed, "mode": cfg.mode,
         "job_dir": str(job.job_dir), "run_name": job.name, "group": job.group,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "pid": os.getpid(),  # pid: the process to signal (kill -TERM)
     })
+    # a second signal exits at once: the record says interrupted, not running
+    interrupt.on_abort(lambda signum: logger.update_summary(status="interrupted", error=f"aborted by signal {signum}"))
     try:
+        if cfg.mode not in modes:  # inside: a sweep records it as this job's failure and goes on
+            raise ValueError(f"mode={cfg.mode} is not one of: {', '.join(modes)}")
+        # eval, visualize and resume: the model, data shape and normalization of the checkpoint
+        adopt_trained_config(cfg, job.overrides)
         # the backend run starts before anything is built, so a job that fails early still shows as failed
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         share_job(config, job)  # DDP: the other ranks run this config, resume decided (vitsweep.ranks)
@@ -199,6 +259,8 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
         logger.start_backend(config={**config, "overrides": job.overrides}, job=job)
         value = modes[cfg.mode](cfg, job, logger)
     except BaseException as err:
+        if isinstance(err, interrupt.Interrupted):
+            stop_on_signal(err, job, logger)
         bad_input = user_error(err)
         message = f"{type(bad_input or err).__name__}: {bad_input or err}"
         logger.finish(status="failed", error=message)

@@ -11,6 +11,7 @@ policy) is `vitsweep.job`.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -21,7 +22,8 @@ from vitsweep.data.datamodule import trained_normalization
 from vitsweep.job import JobRecord, run_job
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.ranks import follow, leading
-from vitsweep.trainer.checkpoint import load_checkpoint, restore
+from vitsweep.trainer import interrupt
+from vitsweep.trainer.checkpoint import carry_best_forward, load_checkpoint, restore
 from vitsweep.trainer.distributed import is_follower, rank_zero_first
 from vitsweep.trainer.loop import resolve_device, seed_everything
 from vitsweep.viz import save_figure, split_figures
@@ -29,11 +31,41 @@ from vitsweep.viz import save_figure, split_figures
 log = logging.getLogger(__name__)
 
 
+def as_pair(side) -> tuple:
+    return tuple(side) if OmegaConf.is_list(side) or isinstance(side, (list, tuple)) else (side, side)
+
+
+def check_input_size(cfg: DictConfig) -> None:
+    """The side the data serves (the crop, then data.resize_to) is the side the model is built for."""
+    served = OmegaConf.select(cfg, "data.resize_to") or OmegaConf.select(cfg, "data.crop_size")
+    expected = OmegaConf.select(cfg, "model.image_size")
+    if served is not None and expected is not None and as_pair(served) != as_pair(expected):
+        raise ValueError(f"the data serves {served} px images (data.crop_size, then data.resize_to) but "
+                         f"model.image_size={expected}: set model.image_size={served}")
+
+
+def check_forward(model: torch.nn.Module, cfg: DictConfig) -> None:
+    """One training-mode forward pass of a copy of the model on two blank images of the configured shape:
+    values its constructors accept but its forward rejects (model.dropout=2, model.norm.eps=bogus) fail
+    here, in one line, before any data is read. The copy and a forked RNG leave the run as it was."""
+    images = torch.zeros(2, cfg.model.in_channels, *as_pair(cfg.model.image_size))  # (B, C, H, W)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            copy.deepcopy(model).train()(images)
+    except Exception as err:  # noqa: BLE001 -- whatever the forward raised, the model's values caused it
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"model: the configured model cannot run a forward pass ({type(err).__name__}: {reason}): "
+                         f"check the model.* values for a wrong type or range") from None
+
+
 def build_model(cfg: DictConfig, task, from_checkpoint: bool = False) -> torch.nn.Module:
     """The model of cfg.model with the task's head(s). `from_checkpoint`: every weight will come from
     ckpt_path, so the factory does not load model.pretrained first (for timm:NAME that would be a download)."""
+    check_input_size(cfg)  # a mismatch would fail in the first forward pass, after the data is read
     args = task.model_args()
-    return instantiate(cfg.model, pretrained=None, **args) if from_checkpoint else instantiate(cfg.model, **args)
+    model = instantiate(cfg.model, pretrained=None, **args) if from_checkpoint else instantiate(cfg.model, **args)
+    check_forward(model, cfg)
+    return model
 
 
 def build_data(cfg: DictConfig, task, **overrides):
@@ -65,6 +97,12 @@ def log_test_metrics(trainer, model, data, task, job: JobRecord, logger: RunLogg
     return metrics
 
 
+def skipped_files(data) -> dict:
+    """summary.json fields: how many unreadable files data.on_bad_file=skip left out, and the first 100."""
+    files = data.splits.skipped_files
+    return {"num_skipped_files": len(files), "skipped_files": files[:100]}
+
+
 def headline(metrics: dict[str, float], task) -> str:
     """'val/acc 0.9312  test/acc 0.9100 ...' without the per-class values (those are in metrics.jsonl)."""
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if task.is_headline(k))
@@ -80,6 +118,8 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     figure_report = instantiate(cfg.viz)  # a bad viz option fails now, not after training
     figure_report.check(model)
     resume_state = restore(model, cfg.ckpt_path) if cfg.ckpt_path else None
+    if resume_state is not None:  # into a new job dir: the run's best.pt comes along, so the test scores the best
+        carry_best_forward(cfg.ckpt_path, job.checkpoint_dir, resume_state, write=not is_follower())  # DDP: rank 0
     task.setup_task(data, model)  # checks the targets, fits the task's statistics
     log.info("%s", model.summary())
     trainer = instantiate(cfg.trainer)
@@ -93,11 +133,13 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"].update(data.normalization_stats())  # the mean/std in use (computed if normalization=auto)
     logger.update_summary(num_params=sum(p.numel() for p in model.parameters()),
-                          normalization=data.normalization_stats(), task=task.kind)
+                          normalization=data.normalization_stats(), task=task.kind, **skipped_files(data))
 
-    result = trainer.fit(model, data, augment, task, optimizer, scheduler, logger, job.checkpoint_dir,
-                         seed=cfg.seed, resume_state=resume_state,
-                         checkpoint_extra={"config": config, "wandb_id": logger.run_id, "task": task.task_state()})
+    with interrupt.at_step_boundaries():  # a signal stops training after the running step, with last.pt saved
+        result = trainer.fit(model, data, augment, task, optimizer, scheduler, logger, job.checkpoint_dir,
+                             seed=cfg.seed, resume_state=resume_state,
+                             checkpoint_extra={"config": config, "wandb_id": logger.run_id,
+                                               "task": task.task_state()})
     logger.update_summary(best_value=result.best_value, best_epoch=result.best_epoch,
                           epochs_completed=result.epochs_completed, steps=result.steps,
                           stopped_by_time=result.stopped_by_time)
@@ -134,7 +176,7 @@ def evaluate(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None
     restore(model, cfg.ckpt_path, checkpoint=state)
     task.setup_task(data, model)
     restore_task(task, state)
-    logger.update_summary(normalization=data.normalization_stats(), task=task.kind)
+    logger.update_summary(normalization=data.normalization_stats(), task=task.kind, **skipped_files(data))
     trainer = instantiate(cfg.trainer)
     model.to(trainer.device)
     data.to(trainer.device)

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from vitsweep.data.imagefolder import decode_cached
+from vitsweep.data.imagefolder import decode_cached, kept
 from vitsweep.data.maskfolder import read_mask
-from vitsweep.data.splits import IGNORE_INDEX, Split, Splits, carve_validation
+from vitsweep.data.splits import IGNORE_INDEX, Split, Splits, carve_validation, map_targets
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -97,7 +97,7 @@ def parse_targets(rows: list[dict], columns: list[str], targets: dict, manifest:
                 raise FileNotFoundError(f"data=csv: row {bad + 2} names mask {paths[bad]}, which does not exist")
             present = [path for path in paths if path is not None]
             decoded = decode_cached({"rows": present}, image_size, 1, None, cache_dir, f"csv-{manifest.stem}-{name}",
-                                    reader=read_mask)["rows"] if present else None
+                                    reader=read_mask)[0]["rows"] if present else None
             masks = torch.full((len(rows), image_size, image_size), IGNORE_INDEX, dtype=torch.uint8)
             has_mask = torch.tensor([path is not None for path in paths])
             if decoded is not None:
@@ -132,7 +132,7 @@ def load_csv(root: str, image_size: int, in_channels: int = 3, channels_last: bo
              image_column: str = "image", label_columns: str | Sequence[str] = "label",
              split_column: str | None = "split", metadata_columns: str | Sequence[str] = "auto",
              cache_dir: str | None = None, test_fraction: float = 0.2, val_fraction: float = 0.1,
-             split_seed: int = 0, targets: dict | None = None) -> Splits:
+             split_seed: int = 0, on_bad_file: str = "error", targets: dict | None = None) -> Splits:
     manifest = Path(root).expanduser().resolve()
     if not manifest.is_file():
         raise FileNotFoundError(f"data.root={manifest} is not a file: with data=csv, point data.root at the "
@@ -163,9 +163,14 @@ def load_csv(root: str, image_size: int, in_channels: int = 3, channels_last: bo
     if missing is not None:
         raise FileNotFoundError(f"data=csv: row {missing + 2} names {paths[missing]}, which does not exist: "
                                 f"image paths are relative to the CSV's folder")
-    images = decode_cached({"rows": paths}, image_size, in_channels, channels_last, cache_dir,
-                           f"csv-{manifest.stem}")["rows"]
-    everything = Split(images, labels, metadata)
+    tensors, skipped = decode_cached({"rows": paths}, image_size, in_channels, channels_last, cache_dir,
+                                     f"csv-{manifest.stem}", on_bad_file)
+    if skipped["rows"]:  # unreadable files left out (data.on_bad_file=skip): their rows go too
+        rows = kept(rows, skipped["rows"])
+        index = torch.tensor(kept(list(range(len(labels))), skipped["rows"]), dtype=torch.int64)
+        labels = map_targets(lambda target: target[index], labels)
+        metadata = None if metadata is None else metadata[index]
+    everything = Split(tensors["rows"], labels, metadata)
 
     val = None
     if split_column and split_column in columns:
@@ -188,4 +193,5 @@ def load_csv(root: str, image_size: int, in_channels: int = 3, channels_last: bo
         train, test = carve_validation(everything, test_fraction, split_seed)  # the same stratified hold-out
     if val is None:
         train, val = carve_validation(train, val_fraction, split_seed)
-    return Splits(train, val, test, class_names=class_names)
+    return Splits(train, val, test, class_names=class_names,
+                  skipped_files=[str(paths[i]) for i in skipped["rows"]])

@@ -87,13 +87,19 @@ class DataModule:
                  normalization: str = "fixed", crop_size: int | None = None, eval_crop: str = "center",
                  balance_ratio: float | None = None, balance_class: int | str | None = None,
                  label_granularity: str = "auto", root: str | None = None, channels_last: bool | None = None,
-                 resize_to: int | None = None):
-        # root and channels_last are read by `source` (as ${..root}): they sit at the top of data/*.yaml
-        # because that is where users set them, and the DataModule itself has no use for them
+                 resize_to: int | None = None, on_bad_file: str = "error"):
+        # root, channels_last and on_bad_file are read by `source` (as ${..root}): they sit at the top of
+        # data/*.yaml because that is where users set them, and the DataModule itself has no use for them
         if label_granularity not in LABEL_GRANULARITIES:
             raise ValueError(f"data.label_granularity={label_granularity} is not one of: "
                              f"{', '.join(LABEL_GRANULARITIES)}")
         self.label_granularity = label_granularity
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("in_channels", in_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{key}={value} must be a whole number >= 1")
+        empty = [name for name in ("train", "val", "test") if not len(getattr(source, name))]
+        if empty:
+            raise ValueError(f"data: the {' and '.join(empty)} split holds no images: check data.root / data.source")
         self.splits, self.class_names = source, source.class_names
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -107,6 +113,14 @@ class DataModule:
         if isinstance(self.class_names, list) and len(self.class_names) and len(self.class_names) != num_classes:
             raise ValueError(f"data.num_classes={num_classes} but the data has {len(self.class_names)} classes "
                              f"({', '.join(self.class_names[:5])}...): set data.num_classes={len(self.class_names)}")
+        labels = train.labels  # class labels: (N,) integers, or (N, K) multi-hot floats with class names
+        single_label = isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
+        multi_hot = (isinstance(labels, torch.Tensor) and labels.dim() == 2 and isinstance(self.class_names, list)
+                     and labels.shape[1] == len(self.class_names) == num_classes)
+        present = (len(labels.unique()) if single_label else int((labels.sum(0) > 0).sum()) if multi_hot else None)
+        if present is not None and (num_classes < 2 or present < 2):  # refused here, not after an epoch (torchmetrics needs 2 classes)
+            raise ValueError(f"data.num_classes={num_classes} and the training split holds {present} class(es): a "
+                             f"classifier needs at least 2 classes to train on: add images of another class")
 
         self.crop_size = image_size if crop_size is None else crop_size
         if not 0 < self.crop_size <= image_size:

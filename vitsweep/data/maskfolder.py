@@ -76,8 +76,8 @@ def load_maskfolder(root: str, image_size: int, in_channels: int = 3, num_classe
     for split in splits_present:
         images[split], masks[split] = paired_files(root / split)
     name = f"maskfolder-{root.name}"
-    image_tensors = decode_cached(images, image_size, in_channels, channels_last, cache_dir, name)
-    mask_tensors = decode_cached(masks, image_size, 1, None, cache_dir, f"{name}-masks", reader=read_mask)
+    image_tensors, _ = decode_cached(images, image_size, in_channels, channels_last, cache_dir, name)
+    mask_tensors, _ = decode_cached(masks, image_size, 1, None, cache_dir, f"{name}-masks", reader=read_mask)
     splits = {s: Split(image_tensors[s], mask_tensors[s]) for s in splits_present}
     if "val" not in splits:
         splits["train"], splits["val"] = carve_validation(splits["train"], val_fraction, split_seed)

@@ -74,6 +74,7 @@ class Splits:
     val: Split
     test: Split
     class_names: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # unreadable files left out (data.on_bad_file=skip)
 
 
 def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:

@@ -27,6 +27,11 @@ def load_synthetic(image_size: int = 16, in_channels: int = 3, num_classes: int 
                    num_train: int = 256, num_val: int = 64, num_test: int = 64,
                    noise: float = 0.35, split_seed: int = 0, multi_label: bool = False,
                    targets: dict | None = None, missing: float = 0.0) -> Splits:
+    for key, value in (("data.source.num_train", num_train), ("data.source.num_val", num_val),
+                       ("data.source.num_test", num_test), ("data.num_classes", num_classes),
+                       ("data.image_size", image_size), ("data.in_channels", in_channels)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"data=synthetic: {key}={value} must be a whole number >= 1")
     generator = torch.Generator().manual_seed(split_seed)
     kinds = {name: spec.get("type") for name, spec in (targets or {}).items()}
     if list(kinds.values()) in ([], ["classification"]):  # one class label per image: the original generator

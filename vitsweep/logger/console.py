@@ -16,3 +16,12 @@ class BelowLevel(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno < self.level
+
+
+class RunLogFile(logging.FileHandler):
+    """run.log. When the file cannot be written (a full disk), logging's default prints a 'Logging error'
+    traceback to stderr for every later line; this handler stops writing instead, once, silently: the
+    job's own error line names what could not be written."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.setLevel(logging.CRITICAL + 1)  # nothing more goes to this file

@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
+
+from vitsweep.logger.atomic_file import OutputWriteError, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 def _json_safe(value):
@@ -16,9 +21,8 @@ def _json_safe(value):
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    text = json.dumps(data, indent=2, default=str)  # before the temp file: a bad value leaves nothing behind
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 class RunLogger:
@@ -42,7 +46,11 @@ class RunLogger:
     def log(self, metrics: dict[str, float], step: int, epoch: int) -> None:
         record = {"step": step, "epoch": epoch, "time_s": round(time.time() - self.start_time, 3)}
         record.update({k: _json_safe(float(v)) for k, v in metrics.items()})
-        self.metrics_file.write(json.dumps(record) + "\n")
+        try:
+            self.metrics_file.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: one line naming the file, not a traceback
+            raise OutputWriteError(f"cannot write {self.job_dir / 'metrics.jsonl'}: {err.strerror or err} "
+                                   f"(errno {err.errno}): free space or fix the folder's permissions") from None
         if self.backend is not None:
             self.backend.log(metrics, step=step, epoch=epoch)
 
@@ -63,7 +71,13 @@ class RunLogger:
     def finish(self, status: str, error: str | None = None) -> None:
         """Close the job's record; the backend run ends with exit code 0 or 1 accordingly, so a
         multirun never merges two jobs into one run and failed jobs show as failed."""
-        self.update_summary(status=status, error=error)
-        self.metrics_file.close()
+        try:
+            self.update_summary(status=status, error=error)
+        except OutputWriteError as err:  # e.g. the disk is still full: say so once, and close what is open
+            log.error("summary.json keeps its last state: %s", err)
+        try:
+            self.metrics_file.close()
+        except OSError:
+            pass  # its buffered last line could not be flushed: the disk is full, reported above
         if self.backend is not None:
             self.backend.finish(summary=self.summary, exit_code=0 if status == "completed" else 1)

@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read with `torch.load(weights_only=True)`.
+"""Checkpoints: written atomically and durably (vitsweep.logger.atomic_file), read with
+`torch.load(weights_only=True)`.
 
 Everything in a checkpoint is a tensor, a number, a string or a container of those (RNG states are
 converted), so loading never unpickles arbitrary objects.
@@ -6,12 +7,17 @@ converted), so loading never unpickles arbitrary objects.
 
 from __future__ import annotations
 
-import pickle
+import logging
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from vitsweep.logger.atomic_file import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 def capture_rng_state() -> dict:
@@ -37,22 +43,19 @@ def restore_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write to a temp file in the same folder, then rename: a crash mid-write never damages the
-    checkpoint that was already there."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    """Write to a temp file in the same folder, fsync, then rename: a crash or a full disk mid-write never
+    damages the checkpoint that was already there, and a failed write leaves no temp file (OutputWriteError)."""
+    write_atomic(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path).expanduser()
+def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """The checkpoint at `path`; `mmap`: tensors stay on the disk until read (a cheap look at its config)."""
+    path = Path(str(path)).expanduser()  # str: a number on the command line (ckpt_path=1) is a path too
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} does not exist: pass the path of a last.pt or best.pt")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # corrupt, truncated, or not ours
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 -- corrupt, truncated, a text or YAML file: none is a checkpoint
         raise ValueError(f"ckpt_path={path} is not a readable vitsweep checkpoint ({type(err).__name__}): "
                          f"pass a last.pt or best.pt written by run.py") from None
     if not isinstance(payload, dict) or "model" not in payload:
@@ -85,3 +88,28 @@ def restore(model: torch.nn.Module, path: str | Path, map_location="cpu", checkp
     check_architecture(model, checkpoint["model"], path)
     model.load_state_dict(checkpoint["model"])
     return checkpoint
+
+
+def carry_best_forward(ckpt_path: str | Path, ckpt_dir: Path, resume_state: dict, write: bool = True) -> None:
+    """Resuming from ckpt_path into another job dir: copy the run's best.pt (beside ckpt_path) into this
+    job's checkpoints, so the test split is scored with the best epoch of the whole run even when no epoch
+    after the resume beats it. Without one to copy, the best is tracked afresh from the resume on (one
+    warning line), so that best.pt always exists at the end."""
+    source = Path(ckpt_path).expanduser().resolve().with_name("best.pt")
+    target = Path(ckpt_dir) / "best.pt"
+    if source == target.resolve():
+        return  # resuming in place: best.pt is already here
+
+    def copy(file) -> None:
+        with open(source, "rb") as best:
+            shutil.copyfileobj(best, file)
+
+    if source.is_file():
+        if not write:  # DDP: another rank (rank 0) makes the copy
+            return
+        write_atomic(target, copy)
+        log.info("resumed into a new job dir: %s carried forward to %s", source, target)
+    elif resume_state.get("best_value") is not None:
+        log.warning("ckpt_path=%s has no best.pt beside it: the best epoch is tracked afresh from the resume on "
+                    "(the earlier best, %s, has no weights to test)", ckpt_path, resume_state["best_value"])
+        resume_state["best_value"] = resume_state["best_epoch"] = resume_state["best_metrics"] = None

@@ -27,6 +27,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from vitsweep.task.base import average_views
+from vitsweep.trainer import interrupt
 from vitsweep.trainer.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from vitsweep.trainer.distributed import join_ranks
 from vitsweep.trainer.progress import Progress, use_bar
@@ -48,8 +49,16 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device != "auto":
-        return torch.device(device)
+    if device != "auto":  # checked here, in one line, not by the first tensor moved there
+        try:
+            resolved = torch.device(str(device))
+        except (RuntimeError, TypeError):
+            raise ValueError(f"trainer.device={device} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+        available = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available()), "cpu": 1}
+        if available.get(resolved.type, 1) <= (resolved.index or 0):
+            raise ValueError(f"trainer.device={device}, but this machine has {available[resolved.type]} "
+                             f"{resolved.type} device(s): use trainer.device=auto or cpu")
+        return resolved
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -78,6 +87,11 @@ class Trainer:
             raise ValueError(f"trainer.monitor_mode={monitor_mode!r} is not one of: max, min")
         if accumulate_grad_batches < 1:
             raise ValueError(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
+        for key, value in (("max_epochs", max_epochs), ("log_every_n_steps", log_every_n_steps)):
+            if not isinstance(value, int) or value < 1:  # 0 would train nothing, or divide by zero
+                raise ValueError(f"trainer.{key}={value} must be a whole number >= 1")
+        if gradient_clip_val is not None and not (isinstance(gradient_clip_val, (int, float)) and gradient_clip_val >= 0):
+            raise ValueError(f"trainer.gradient_clip_val={gradient_clip_val} must be a max norm >= 0, or null: no clipping")
         self.max_epochs, self.max_time = max_epochs, max_time
         self.device = resolve_device(device)
         # DDP: this process's rank in the job, and its device (cuda:LOCAL_RANK); vitsweep.trainer.distributed
@@ -249,6 +263,11 @@ class Trainer:
                     window_loss.zero_()
                     window_steps, window_start = 0, time.time()
                 progress.update(1)
+                # SIGTERM/SIGINT (trainer/interrupt.py): keep this step exactly, then stop; DDP: any rank's signal
+                if self.ranks.any(interrupt.requested()):
+                    progress.close()
+                    checkpoint("last.pt", epoch, batch_in_epoch)
+                    interrupt.stop(f"epoch {epoch}, step {step} (last.pt saved mid-epoch)")
                 # DDP: every rank stops at the same step (any rank's clock decides)
                 if self.max_time is not None and self.ranks.any(time.time() - start_time > self.max_time):
                     stopped_by_time = batch_in_epoch < steps_per_epoch
@@ -278,6 +297,8 @@ class Trainer:
             else:
                 checkpoint("last.pt", epoch, batch_in_epoch)  # resume mid-epoch from here
             logger.update_summary(best_value=best_value, best_epoch=best_epoch, epochs_completed=epoch, steps=step)
+            if self.ranks.any(interrupt.requested()):  # the signal came during validation: last.pt above holds this point
+                interrupt.stop(f"epoch {epoch}, step {step} (last.pt saved)")
             if self.max_time is not None and self.ranks.any(time.time() - start_time > self.max_time):
                 stopped_by_time = True
         return FitResult(best_value, best_epoch, epoch, step, stopped_by_time, best_metrics)

@@ -44,6 +44,8 @@ class FigureReport:
             raise ValueError(f"viz.rgb_bands={list(rgb_bands)} must be 3 band indices [r, g, b], or null")
         self.enabled_at_end, self.num_images, self.split = enabled_at_end, num_images, split
         self.image_paths = [str(path) for path in images] if images else None
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise ValueError(f"viz.layer={layer} must be a layer index (e.g. -1 for the last)")  # noqa: TRY004 -- bad input: one line
         self.layer, self.explain = layer, list(explain)
         self.rgb_bands = list(rgb_bands) if rgb_bands is not None else None
 
