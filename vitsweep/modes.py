@@ -21,6 +21,7 @@ from vitsweep.data.datamodule import trained_normalization
 from vitsweep.job import JobRecord, run_job
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.trainer.checkpoint import restore
+from vitsweep.trainer.cost import forward_flops, run_cost
 from vitsweep.trainer.loop import resolve_device, seed_everything
 from vitsweep.viz import confusion_matrix_figure, save_figure
 
@@ -57,11 +58,13 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     figure_report = instantiate(cfg.viz)  # a bad viz option fails now, not after training
     figure_report.check(model)
     resume_state = restore(model, cfg.ckpt_path) if cfg.ckpt_path else None
+    trainer = instantiate(cfg.trainer)  # before the data: a bad trainer option fails before any is read
+    trainer.clock.lap("other")  # start-up and the model: the job's wall time is split into data/train/eval/other
     data = instantiate(cfg.data)
     log.info("%s", model.summary())
-    trainer = instantiate(cfg.trainer)
     model.to(trainer.device)
     data.to(trainer.device)
+    trainer.clock.lap("data")
     augment = instantiate(cfg.augment).to(trainer.device)
     # the training labels: for loss.class_weights=balanced, and to check multi_label against the data
     loss_fn = instantiate(cfg.loss, train_labels=data.split("train").labels)
@@ -71,20 +74,25 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
                             steps_per_epoch=steps_per_epoch)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"].update(data.normalization_stats())  # the mean/std in use (computed if normalization=auto)
-    logger.update_summary(num_params=sum(p.numel() for p in model.parameters()),
-                          normalization=data.normalization_stats())
+    num_params = sum(p.numel() for p in model.parameters())
+    flops = forward_flops(model, (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size))  # on `meta`
+    logger.update_summary(num_params=num_params, normalization=data.normalization_stats(),
+                          cost={"params": num_params, "gflops_per_image": round(flops / 1e9, 6)})
 
     result = trainer.fit(model, data, augment, loss_fn, optimizer, scheduler, logger, job.checkpoint_dir,
                          seed=cfg.seed, checkpoint_extra={"config": config, "wandb_id": logger.run_id},
                          resume_state=resume_state)
     logger.update_summary(best_value=result.best_value, best_epoch=result.best_epoch,
                           epochs_completed=result.epochs_completed, steps=result.steps,
-                          stopped_by_time=result.stopped_by_time)
+                          stopped_by_time=result.stopped_by_time, stop_reason=result.stop_reason,
+                          budget=result.budget)
 
     # the test split is scored once, with the best checkpoint; its val metrics come from fit()
     restore(model, job.checkpoint_dir / "best.pt", map_location=trainer.device)
     best_val = {k: v for k, v in (result.best_metrics or {}).items() if k.startswith("val/")}
+    trainer.clock.lap("other")
     test = log_test_metrics(trainer, model, data, loss_fn, job, logger, result.steps, result.epochs_completed)
+    trainer.clock.lap("eval")
     final = best_val | test
     logger.update_summary(metrics=final)
     log.info("best checkpoint: %s", headline(final))
@@ -92,6 +100,9 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
         figures = figure_report.write_for(model, data, cfg.model.image_size, job.job_dir / "figures")
         logger.log_images(figures, step=result.steps)
         log.info("figures: %d PNGs in %s", len(figures), job.job_dir / "figures")
+    trainer.clock.lap("other")
+    # what the run cost: parameters, forward GFLOPs per image, images/s, peak memory, time per part
+    logger.update_summary(cost=run_cost(num_params, flops, result.train_images, trainer.clock, trainer.device))
     return result.best_value
 
 

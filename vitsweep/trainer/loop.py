@@ -23,7 +23,9 @@ import torch
 from timm.utils import ModelEmaV3
 
 from vitsweep.metrics import ClassificationMetrics
+from vitsweep.trainer.budget import Budget
 from vitsweep.trainer.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from vitsweep.trainer.cost import WallClock
 from vitsweep.trainer.progress import Progress, use_bar
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,14 @@ class FitResult:
     steps: int
     stopped_by_time: bool
     best_metrics: dict[str, float] | None  # every metric of the best epoch (val/*, train/*)
+    stop_reason: str | None = None  # the limit that ended training: max_epochs | max_steps | max_time
+    budget: dict | None = None  # Budget.summary(): the schedule's planned steps and what set them
+    train_images: int = 0  # training images seen by this process (for images/s; a resumed run counts its own)
 
 
 class Trainer:
-    def __init__(self, max_epochs: int = 10, max_time: float | None = None, device: str = "auto",
+    def __init__(self, max_epochs: int = 10, max_time: float | None = None, max_steps: int | None = None,
+                 device: str = "auto",
                  precision: str = "auto", compile: str | bool = "auto", gradient_clip_val: float | None = 1.0,
                  accumulate_grad_batches: int = 1, monitor: str = "val/acc", monitor_mode: str = "max",
                  log_every_n_steps: int = 50, progress_bar: bool | str = "auto",
@@ -66,7 +72,9 @@ class Trainer:
             raise ValueError(f"trainer.monitor_mode={monitor_mode!r} is not one of: max, min")
         if accumulate_grad_batches < 1:
             raise ValueError(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
-        self.max_epochs, self.max_time = max_epochs, max_time
+        self.max_epochs, self.max_time, self.max_steps = max_epochs, max_time, max_steps
+        Budget(max_epochs, 1, max_steps, max_time)  # bad limits fail here, before any data is read
+        self.clock = WallClock()  # where the time goes (summary "cost"); modes charges data loading and test to it
         self.device = resolve_device(device)
         if precision == "auto":  # bf16 where the hardware has it; fp32 on CPU (bf16 is ~10x slower there)
             precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "32"
@@ -123,6 +131,10 @@ class Trainer:
         if steps_per_epoch < 1:
             raise ValueError(f"data.batch_size={data.batch_size} x trainer.accumulate_grad_batches={self.accumulate} "
                              f"exceeds the {len(data.split('train'))} training images: lower data.batch_size")
+        # which limit ends training, and the lr schedule (warmup included) stretched onto the steps it allows
+        budget = Budget(self.max_epochs, steps_per_epoch, self.max_steps, self.max_time,
+                        eval_images=len(data.split("val")) * data.eval_views, batch_size=data.batch_size * self.accumulate)
+        scheduler = budget.stretch(scheduler)
         epoch, step, skip_batches, elapsed_before = 0, 0, 0, 0.0
         best_value, best_epoch, best_metrics = None, None, None
         if resume_state is not None:  # continue the run that wrote last.pt
@@ -133,6 +145,7 @@ class Trainer:
             best_value, best_epoch = resume_state.get("best_value"), resume_state.get("best_epoch")
             best_metrics = resume_state.get("best_metrics")
             elapsed_before = resume_state.get("elapsed_s", 0.0)
+            budget.load_state_dict(resume_state.get("budget"), step)  # the same schedule as before the stop
             if "raw_model" in resume_state:  # written with EMA on: "model" holds the average
                 raw_model.load_state_dict(resume_state["raw_model"])
         # EMA of the weights: what is validated, tested and saved as "model" when on
@@ -149,12 +162,14 @@ class Trainer:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
                 "best_value": best_value, "best_epoch": best_epoch, "best_metrics": best_metrics,
-                "elapsed_s": time.time() - start_time,
+                "elapsed_s": time.time() - start_time, "budget": budget.state_dict(),
                 "rng": capture_rng_state(), **checkpoint_extra,
             })
 
-        stopped_by_time = False
-        while epoch < self.max_epochs and not stopped_by_time:
+        budget_spent, train_images = False, 0  # budget_spent: max_steps or max_time (the plan's last step) reached
+        budget.start(time.time() - start_time)
+        self.clock.lap("other")
+        while epoch < self.max_epochs and not budget_spent:
             model.train()
             if skip_batches == 0:
                 seed_everything(seed * 1000 + epoch)
@@ -169,11 +184,14 @@ class Trainer:
                                 self.progress_interval_s)
             for micro_step, (images, targets) in enumerate(batches):
                 images, targets = augment(images, targets)
+                self.clock.lap("data")
+                train_images += images.shape[0]
                 with self.autocast():
                     logits = model(data.normalize(images))  # (B, num_classes)
                     loss = loss_fn(logits, targets)
                 scaler.scale(loss / self.accumulate).backward()
                 if (micro_step + 1) % self.accumulate:
+                    self.clock.lap("train")
                     continue  # accumulate gradients over more micro-batches
                 if self.gradient_clip_val:
                     scaler.unscale_(optimizer)
@@ -185,6 +203,7 @@ class Trainer:
                     ema.update(raw_model)  # ema = decay * ema + (1 - decay) * weights
                 step += 1
                 batch_in_epoch += 1
+                budget.after_step(step, time.time() - start_time)  # may re-plan the schedule's length (max_time)
                 scheduler.step_update(num_updates=step)
 
                 # bookkeeping stays on the device; one sync per log window, not per step
@@ -208,15 +227,18 @@ class Trainer:
                     window_loss.zero_()
                     window_steps, window_start = 0, time.time()
                 progress.update(1)
-                if self.max_time is not None and time.time() - start_time > self.max_time:
-                    stopped_by_time = batch_in_epoch < steps_per_epoch
+                self.clock.lap("train")
+                if budget.exhausted(step, time.time() - start_time):
+                    budget_spent = batch_in_epoch < steps_per_epoch
                     break
             progress.close()
 
-            epoch_done = not stopped_by_time
+            epoch_done = not budget_spent
             metrics = {"train/loss": (epoch_loss / max(epoch_images, 1)).item(),
                        "train/acc": (epoch_acc / max(epoch_images, 1)).item()}
+            self.clock.lap("train")
             metrics.update(self.evaluate(raw_model if ema is None else ema.module, data, "val", loss_fn))
+            self.clock.lap("eval")
             if self.monitor not in metrics:
                 raise ValueError(f"trainer.monitor={self.monitor!r} is not a logged metric: pick one of {sorted(metrics)}")
             logger.log(metrics, step=step, epoch=epoch)
@@ -226,12 +248,18 @@ class Trainer:
             if self.improved(metrics[self.monitor], best_value):
                 best_value, best_epoch, best_metrics = metrics[self.monitor], epoch, metrics
                 checkpoint("best.pt", epoch + epoch_done, 0)
+            budget.after_epoch_end(step, time.time() - start_time)  # before last.pt, which stores the plan
             if epoch_done:
                 epoch += 1
                 checkpoint("last.pt", epoch, 0)
             else:
                 checkpoint("last.pt", epoch, batch_in_epoch)  # resume mid-epoch from here
-            logger.update_summary(best_value=best_value, best_epoch=best_epoch, epochs_completed=epoch, steps=step)
-            if self.max_time is not None and time.time() - start_time > self.max_time:
-                stopped_by_time = True
-        return FitResult(best_value, best_epoch, epoch, step, stopped_by_time, best_metrics)
+            logger.update_summary(best_value=best_value, best_epoch=best_epoch, epochs_completed=epoch, steps=step,
+                                  budget=budget.summary())
+            budget.untimed(time.time() - start_time)
+            self.clock.lap("other")
+            if budget.exhausted(step, time.time() - start_time):
+                budget_spent = True
+        stop_reason = budget.stop_reason or "max_epochs"
+        return FitResult(best_value, best_epoch, epoch, step, stop_reason == "max_time", best_metrics,
+                         stop_reason=stop_reason, budget=budget.summary(), train_images=train_images)
