@@ -571,11 +571,9 @@ def untangle_tick_labels(figure) -> None:
     smaller type."""
     from matplotlib.ticker import FixedLocator, LogLocator, MaxNLocator, NullFormatter
 
+    figure.canvas.draw()  # once; again only where labels had to move
     for axes in figure.axes:
-        if not axes.get_visible():
-            continue
-        figure.canvas.draw()
-        if not tick_labels_overlap(axes):
+        if not axes.get_visible() or not tick_labels_overlap(axes):
             continue
         for rotation, alignment in ((35, "right"), (90, "center")):  # slanted, else upright
             axes.tick_params(axis="x", which="both", labelrotation=rotation)

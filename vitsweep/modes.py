@@ -21,7 +21,7 @@ from vitsweep.data.datamodule import trained_normalization
 from vitsweep.job import JobRecord, run_job
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.trainer.checkpoint import restore
-from vitsweep.trainer.cost import forward_flops, run_cost
+from vitsweep.trainer.cost import forward_flops, gflops, run_cost
 from vitsweep.trainer.loop import resolve_device, seed_everything
 from vitsweep.viz import confusion_matrix_figure, save_figure
 
@@ -77,7 +77,7 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     num_params = sum(p.numel() for p in model.parameters())
     flops = forward_flops(model, (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size))  # on `meta`
     logger.update_summary(num_params=num_params, normalization=data.normalization_stats(),
-                          cost={"params": num_params, "gflops_per_image": round(flops / 1e9, 6)})
+                          cost={"params": num_params, "gflops_per_image": gflops(flops)})
 
     result = trainer.fit(model, data, augment, loss_fn, optimizer, scheduler, logger, job.checkpoint_dir,
                          seed=cfg.seed, checkpoint_extra={"config": config, "wandb_id": logger.run_id},

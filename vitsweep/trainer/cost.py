@@ -52,6 +52,11 @@ def forward_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
     return counter.get_total_flops()
 
 
+def gflops(flops: int) -> float:
+    """FLOPs in units of 10^9, to 6 significant digits (a tiny test model has a few hundred thousand)."""
+    return float(f"{flops / 1e9:.6g}")
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
     """(MiB, what was measured): the CUDA caching allocator's peak, else the process's peak resident set."""
     if device.type == "cuda":
@@ -62,12 +67,12 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 
 def run_cost(num_params: int, flops_per_image: int, train_images: int, clock: WallClock,
              device: torch.device) -> dict:
-    """The summary's `cost` block: numbers only, so the W&B summary and `vitsweep compare` take it as is."""
+    """The summary's `cost` block (docs/outputs.md): numbers, and what the peak memory measured."""
     memory_mib, memory_kind = peak_memory(device)
     step_seconds = clock.seconds["data"] + clock.seconds["train"]
     return {
         "params": num_params,
-        "gflops_per_image": round(flops_per_image / 1e9, 6),
+        "gflops_per_image": gflops(flops_per_image),
         "train_images_per_s": round(train_images / step_seconds, 1) if step_seconds > 0 else None,
         "peak_memory_mib": round(memory_mib, 1),
         "peak_memory_kind": memory_kind,
