@@ -2,17 +2,20 @@
 
 import csv
 import json
+import math
 import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib.image
 import pytest
+import scipy.stats
 import wandb
 from conftest import offline_wandb_env
 
-from vitsweep import cli
+from vitsweep import cli, compare
 from vitsweep.compare import discover_runs, group_by_seed, group_stats, main, swept_keys
 
 # job number -> (overrides, best val/acc, status); a 2x2 grid over depth and lr, two more seeds of
@@ -322,3 +325,186 @@ def test_wandb_runs_without_overrides_use_flat_config_and_its_monitor(tmp_path, 
     lowest_first = sorted(val_losses_by_lr, key=lambda lr: min(val_losses_by_lr[lr]))
     assert [float(row[1]) for row in rows] == lowest_first
     assert [float(row[2]) for row in rows] == [min(val_losses_by_lr[lr]) for lr in lowest_first]
+
+
+# ----------------------------------------------------------------------------- for researchers: columns,
+# significance, figures
+
+
+def add_cost_and_per_class(job_dir, gflops, images_per_s):
+    """What run.py writes since summaries carry the cost: a cost block and per-class test metrics."""
+    summary = json.loads((job_dir / "summary.json").read_text())
+    summary["cost"] = {"params": 1000 * gflops, "gflops_per_image": gflops, "train_images_per_s": images_per_s,
+                       "peak_memory_mib": 512.0, "peak_memory_kind": "process_peak_rss", "time_train_s": 9.0}
+    if summary["status"] == "completed":
+        summary["metrics"].update({"test/acc/cat": 0.5, "test/acc/dog": 0.6})
+    (job_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def costed_sweep(sweep_dir):
+    for number, (overrides, _, _) in SWEEP.items():
+        depth = int(overrides[1].split("=")[1])
+        add_cost_and_per_class(sweep_dir / str(number), gflops=0.01 * depth, images_per_s=1000.0 / depth)
+    return sweep_dir
+
+
+def test_default_columns_are_the_monitor_the_test_metrics_and_the_cost(costed_sweep, capsys):
+    assert main([str(costed_sweep)]) == 0
+    header, rows = table_rows(capsys.readouterr().out, "run")
+    assert header[4:] == ["val/acc", "test/acc", "test/loss", "params", "GFLOPs", "img/s", "peak", "MiB", "status",
+                          "wall_time_s"]  # ("peak MiB" splits on its space here)
+    best = rows[0]  # job 4: depth 4
+    assert best[7:11] == ["0.00M", "0.04", "250", "512"]
+    assert not any("test/acc/cat" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_per_class_and_chosen_metrics(costed_sweep, capsys):
+    assert main([str(costed_sweep), "--per-class"]) == 0
+    header, _ = table_rows(capsys.readouterr().out, "run")
+    assert "test/acc/cat" in header and "test/acc/dog" in header
+
+    assert main([str(costed_sweep), "--metrics", "test/acc,cost/time_*"]) == 0
+    header, rows = table_rows(capsys.readouterr().out, "run")
+    assert header[4:6] == ["test/acc", "cost/time_train_s"] and rows[0][5] == "9.00"
+
+    assert main([str(costed_sweep), "--metrics", "test/nope*"]) == 1
+    error = capsys.readouterr().err
+    assert "--metrics test/nope* matches no column" in error and "test/acc" in error
+
+
+def test_significance_against_the_best_setting_on_a_known_difference():
+    def group(name, values):
+        return ({"setting": name}, [compare.Run(name=f"{name}{i}", path=Path(name), overrides={}, status="completed",
+                                                monitor="val/acc", monitor_mode="max", best_value=value)
+                                    for i, value in enumerate(values)])
+
+    best = [0.90, 0.91, 0.92, 0.91]
+    worse = [0.80, 0.81, 0.82, 0.81]  # 0.10 lower with the same spread: t = 0.1 / sqrt(2 * var / 4)
+    close = [0.905, 0.915, 0.895, 0.91]
+    groups = [group("best", best), group("worse", worse), group("close", close), group("single", [0.95])]
+    cells = compare.versus_best(groups)
+    assert cells[0] == "best" and cells[3] == "n<2"
+    assert cells[1].endswith("***") and not cells[2].endswith("*")
+
+    # Welch's t and its degrees of freedom by hand, against the p-value reported
+    def welch(a, b):
+        va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+        t = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+        return 2 * scipy.stats.t.sf(abs(t), df)
+
+    p_worse, p_close = compare.welch_p_value(best, worse), compare.welch_p_value(best, close)
+    assert p_worse == pytest.approx(welch(best, worse)) and p_worse < 0.001
+    assert p_close == pytest.approx(welch(best, close)) and p_close > 0.05
+    assert compare.significance_mark(0.03) == "*" and compare.significance_mark(0.2) == ""
+
+
+def test_seed_groups_are_marked_against_the_best_in_the_printed_table(sweep_dir, capsys):
+    for number, value in ((7, 0.70), (8, 0.71)):  # two more seeds of job 2's setting (depth 4, lr 0.001)
+        write_job(sweep_dir / str(number), ["data=digits", "model.depth=4", "optimizer.lr=0.001", f"seed={number}"],
+                  value, "completed")
+    assert main([str(sweep_dir)]) == 0
+    header, rows = table_rows(capsys.readouterr().out, "model.depth")
+    assert "vs best" in " ".join(header) or "vs" in header
+    by_setting = {(row[0], row[1]): row for row in rows}
+    assert by_setting[("4", "0.01")][-3] == "best"
+    worse = by_setting[("4", "0.001")]  # 0.70-0.80 against 0.86-0.90
+    assert worse[-3].startswith("p=") and worse[-3].endswith("*")
+    assert by_setting[("2", "0.01")][-3] == "n<2"
+
+
+def test_pareto_front_on_constructed_points():
+    #          cheap and bad, dominated, the knee, dominated, costly and best, a tie in cost with the knee
+    points = [(1.0, 0.50), (2.0, 0.45), (2.0, 0.70), (3.0, 0.65), (4.0, 0.90), (2.0, 0.60)]
+    assert compare.pareto_front(points) == [0, 2, 4]
+    # images/s: higher is better on x too; a lower accuracy is better for a loss
+    assert compare.pareto_front(points, lower_x_is_better=False) == [4]
+    assert compare.pareto_front(points, higher_y_is_better=False) == [0, 1]  # (2, 0.45) has the lowest y
+    assert compare.pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]  # equal points beat neither
+
+
+def test_log_axis_is_chosen_for_values_spanning_ten_times_or_more():
+    assert compare.axis_scale([1e-4, 3e-4, 1e-3, 3e-3, 1e-2]) == "log"
+    assert compare.axis_scale([1e-3, 1e-2]) == "log"
+    assert compare.axis_scale([2, 4, 8]) == "linear"  # 4x
+    assert compare.axis_scale([-1.0, 10.0, 100.0]) == "linear"  # not positive
+
+
+def visible_tick_label_overlaps(figure):
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    overlaps = []
+    for axes in figure.axes:
+        labels = [label for label in axes.xaxis.get_ticklabels(which="both") if label.get_visible() and label.get_text()]
+        boxes = [label.get_window_extent(renderer) for label in labels]
+        overlaps += [(axes.get_xlabel(), labels[i].get_text(), labels[j].get_text())
+                     for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+    return overlaps
+
+
+def lr_sweep(tmp_path, learning_rates, seeds=(0, 1), extra=()):
+    sweep = tmp_path / "lr_sweep"
+    number = 0
+    for lr in learning_rates:
+        for seed in seeds:
+            value = 0.8 - 0.05 * abs(math.log10(lr) + 3) + 0.01 * seed
+            write_job(sweep / str(number), [f"optimizer.lr={lr}", f"seed={seed}", *extra], value, "completed")
+            add_cost_and_per_class(sweep / str(number), gflops=0.05, images_per_s=900.0 + 10 * seed)
+            number += 1
+    return discover_runs(sweep)
+
+
+@pytest.mark.parametrize("learning_rates", [
+    [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],  # the grid of an ablation
+    [1e-4 * 100 ** (i / 23) for i in range(24)],  # an Optuna search: 24 values, log-uniform over 1e-4..1e-2
+    [1e-3, 2e-3, 3e-3, 5e-3, 1e-2],  # exactly one decade
+], ids=["grid", "optuna", "one_decade"])
+def test_learning_rates_get_a_log_axis_with_readable_ticks(tmp_path, learning_rates):
+    runs = lr_sweep(tmp_path, learning_rates)
+    figure = compare.comparison_figure(runs, swept_keys(runs))
+    curves, lr_axes = figure.axes[:2]
+    assert lr_axes.get_xlabel() == "optimizer.lr" and lr_axes.get_xscale() == "log"
+    assert visible_tick_label_overlaps(figure) == []
+    assert len([label for label in lr_axes.xaxis.get_ticklabels(which="both") if label.get_text()]) >= 2
+    # error bars over the two seeds: one bar per setting, as long as the seeds' std
+    (bars,) = lr_axes.containers
+    assert len(bars.lines[2][0].get_segments()) == len(learning_rates)
+    # the curves panel: a mean line and a ± std band per setting
+    assert len(curves.collections) >= len(learning_rates[:8])
+
+
+def test_long_category_names_do_not_overlap(tmp_path):
+    sweep = tmp_path / "attention"
+    names = ["full", "local_with_a_long_name", "windowed_shifted_variant", "sparse_axial_pattern",
+             "sparse_strided_pattern", "another_long_attention_name"]
+    for number, name in enumerate(names):
+        write_job(sweep / str(number), [f"model/attention={name}", "seed=0"], 0.5 + 0.01 * number, "completed")
+    runs = discover_runs(sweep)
+    figure = compare.comparison_figure(runs, swept_keys(runs))
+    assert visible_tick_label_overlaps(figure) == []
+    assert [label.get_text() for label in figure.axes[1].get_xticklabels()] == sorted(names)
+
+
+def test_cost_figure_marks_the_pareto_front(costed_sweep, tmp_path):
+    runs = discover_runs(costed_sweep)
+    figure = compare.cost_figure(runs, swept_keys(runs))
+    gflops_axes, speed_axes = figure.axes[:2]
+    assert "GFLOPs" in gflops_axes.get_xlabel() and "images/s" in speed_axes.get_xlabel()
+    # settings by mean val/acc: depth 4/lr 0.01 (0.88, 0.04 GFLOPs) beats depth 2 (0.75, 0.02) on accuracy only;
+    # every depth-4 and depth-2 setting below them is dominated
+    fronts = [next(container for container in axes.containers if container.get_label() == "Pareto front")
+              for axes in (gflops_axes, speed_axes)]
+    for front in fronts:
+        xs, ys = front.lines[0].get_data()
+        assert sorted(zip(map(float, xs), map(float, ys))) in (
+            [(0.02, 0.75), (0.04, pytest.approx(0.88))], [(250.0, pytest.approx(0.88)), (500.0, 0.75)])
+    assert visible_tick_label_overlaps(figure) == []
+    assert main([str(costed_sweep), "--out", str(tmp_path / "report")]) == 0
+    assert matplotlib.image.imread(tmp_path / "report" / "cost.png").std() > 0.01
+
+
+def test_no_cost_figure_without_a_cost_that_varies(sweep_dir, tmp_path):
+    assert compare.cost_figure(discover_runs(sweep_dir), swept_keys(discover_runs(sweep_dir))) is None
+    assert main([str(sweep_dir), "--out", str(tmp_path / "report")]) == 0
+    assert not (tmp_path / "report" / "cost.png").exists()

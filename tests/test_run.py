@@ -27,9 +27,10 @@ def test_default_run_learns_digits(digits_run):
     _, job_dir, proc = digits_run
     summary = read_summary(job_dir)
     assert summary["status"] == "completed", summary
-    assert summary["metrics"]["test/acc"] >= 0.90, summary["metrics"]
+    assert summary["metrics"]["test/acc"] >= 0.95, summary["metrics"]  # the quickstart's promise (README)
     assert summary["best_value"] == pytest.approx(summary["metrics"]["val/acc"])
     assert summary["num_params"] > 0 and summary["epochs_completed"] == 30
+    assert summary["steps"] == 30 * (1293 // 32)  # vit_cpu on the digits' 1,293 training images, batch 32
     assert (job_dir / "checkpoints" / "last.pt").is_file() and (job_dir / "checkpoints" / "best.pt").is_file()
     assert "flattened_patch_dim" in proc.stdout  # the model summary is printed at start
 
@@ -51,7 +52,7 @@ def test_default_run_is_a_finished_offline_wandb_run(digits_run):
     run = read_offline_run(path)
     summary = read_summary(job_dir)
     assert run.finished and run.exit_code == 0
-    assert run.config["model"]["depth"] == 6 and run.config["data"]["num_classes"] == 10
+    assert run.config["model"]["depth"] == 4 and run.config["data"]["num_classes"] == 10
     assert run.summary["test/acc"] == pytest.approx(summary["metrics"]["test/acc"])
     assert len([h for h in run.history if "val/acc" in h]) == 30
 

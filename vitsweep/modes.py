@@ -24,6 +24,7 @@ from vitsweep.logger.run_logger import RunLogger
 from vitsweep.ranks import follow, leading
 from vitsweep.trainer import interrupt
 from vitsweep.trainer.checkpoint import carry_best_forward, load_checkpoint, restore
+from vitsweep.trainer.cost import forward_flops, gflops, run_cost
 from vitsweep.trainer.distributed import is_follower, rank_zero_first
 from vitsweep.trainer.loop import resolve_device, seed_everything
 from vitsweep.viz import save_figure, split_figures
@@ -111,6 +112,8 @@ def headline(metrics: dict[str, float], task) -> str:
 def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     seed_everything(cfg.seed)  # the initial weights depend on the seed alone
     task = instantiate(cfg.task)
+    trainer = instantiate(cfg.trainer)  # before the data: a bad trainer option fails before any is read
+    trainer.clock.lap("other")  # start-up: the job's wall time is split into data/train/eval/other
     with rank_zero_first(cfg.trainer.ddp_timeout_s):  # DDP: one process downloads or fills the disk cache
         model, data = model_and_data(cfg, task, from_checkpoint=bool(cfg.ckpt_path))
     if getattr(model, "load_report", None) is not None:
@@ -122,9 +125,9 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
         carry_best_forward(cfg.ckpt_path, job.checkpoint_dir, resume_state, write=not is_follower())  # DDP: rank 0
     task.setup_task(data, model)  # checks the targets, fits the task's statistics
     log.info("%s", model.summary())
-    trainer = instantiate(cfg.trainer)
     model.to(trainer.device)
     data.to(trainer.device)
+    trainer.clock.lap("data")
     augment = instantiate(cfg.augment).to(trainer.device)
     optimizer = instantiate(cfg.optimizer, model=model)
     steps_per_epoch = data.steps_per_epoch() // cfg.trainer.accumulate_grad_batches  # optimizer steps
@@ -132,8 +135,10 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
                             steps_per_epoch=steps_per_epoch)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"].update(data.normalization_stats())  # the mean/std in use (computed if normalization=auto)
-    logger.update_summary(num_params=sum(p.numel() for p in model.parameters()),
-                          normalization=data.normalization_stats(), task=task.kind, **skipped_files(data))
+    num_params = sum(p.numel() for p in model.parameters())
+    flops = forward_flops(model, (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size))  # on `meta`
+    logger.update_summary(num_params=num_params, normalization=data.normalization_stats(), task=task.kind,
+                          cost={"params": num_params, "gflops_per_image": gflops(flops)}, **skipped_files(data))
 
     with interrupt.at_step_boundaries():  # a signal stops training after the running step, with last.pt saved
         result = trainer.fit(model, data, augment, task, optimizer, scheduler, logger, job.checkpoint_dir,
@@ -142,12 +147,15 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
                                                "task": task.task_state()})
     logger.update_summary(best_value=result.best_value, best_epoch=result.best_epoch,
                           epochs_completed=result.epochs_completed, steps=result.steps,
-                          stopped_by_time=result.stopped_by_time)
+                          stopped_by_time=result.stopped_by_time, stop_reason=result.stop_reason,
+                          budget=result.budget)
 
     # the test split is scored once, with the best checkpoint; its val metrics come from fit()
     restore(model, job.checkpoint_dir / "best.pt", map_location=trainer.device)
     best_val = {k: v for k, v in (result.best_metrics or {}).items() if k.startswith("val/")}
+    trainer.clock.lap("other")
     test = log_test_metrics(trainer, model, data, task, job, logger, result.steps, result.epochs_completed)
+    trainer.clock.lap("eval")
     final = best_val | test
     logger.update_summary(metrics=final)
     log.info("best checkpoint: %s", headline(final, task))
@@ -156,6 +164,9 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
         figures = figure_report.write_for(model, data, cfg.model.image_size, job.job_dir / "figures", task=task)
         logger.log_images(figures, step=result.steps)
         log.info("figures: %d PNGs in %s", len(figures), job.job_dir / "figures")
+    trainer.clock.lap("other")
+    # what the run cost: parameters, forward GFLOPs per image, images/s, peak memory, time per part
+    logger.update_summary(cost=run_cost(num_params, flops, result.train_images, trainer.clock, trainer.device))
     return result.best_value
 
 

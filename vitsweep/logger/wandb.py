@@ -101,5 +101,9 @@ class WandbLogger:
             self.run.summary[f"{monitor}_best"] = summary["best_value"]
         for key, value in summary.get("metrics", {}).items():
             self.run.summary[key] = value
+        for key, value in (summary.get("cost") or {}).items():  # cost/params, cost/gflops_per_image, ...
+            self.run.summary[f"cost/{key}"] = value
+        if summary.get("stop_reason"):
+            self.run.summary["stop_reason"] = summary["stop_reason"]
         self.run.finish(exit_code=exit_code)
         self.run = None

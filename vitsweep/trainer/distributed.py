@@ -244,6 +244,15 @@ class Ranks:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
         return bool(value.item())
 
+    def agree(self, value: float) -> float:
+        """Rank 0's value on every rank: inputs to decisions that must match everywhere (the time budget's
+        lr plan and stop), where each rank's own clock would differ by a little."""
+        if not self.distributed:
+            return value
+        shared = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(shared, src=0, group=self.group)
+        return float(shared.item())
+
     def gather_rows(self, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
         """Concatenate this rank's chunks (N_r, ...) and gather every rank's, in rank order: (sum N_r, ...)
         on every rank. A rank may have none (a split with fewer batches than ranks)."""

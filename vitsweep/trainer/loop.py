@@ -28,7 +28,9 @@ from timm.utils import ModelEmaV3
 
 from vitsweep.task.base import average_views
 from vitsweep.trainer import interrupt
+from vitsweep.trainer.budget import Budget
 from vitsweep.trainer.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from vitsweep.trainer.cost import WallClock
 from vitsweep.trainer.distributed import join_ranks
 from vitsweep.trainer.progress import Progress, use_bar
 
@@ -74,10 +76,14 @@ class FitResult:
     steps: int
     stopped_by_time: bool
     best_metrics: dict[str, float] | None  # every metric of the best epoch (val/*, train/*)
+    stop_reason: str | None = None  # the limit that ended training: max_epochs | max_steps | max_time
+    budget: dict | None = None  # Budget.summary(): the schedule's planned steps and what set them
+    train_images: int = 0  # training images seen by this process (for images/s; a resumed run counts its own)
 
 
 class Trainer:
-    def __init__(self, max_epochs: int = 10, max_time: float | None = None, device: str = "auto",
+    def __init__(self, max_epochs: int = 10, max_time: float | None = None, max_steps: int | None = None,
+                 device: str = "auto",
                  precision: str = "auto", compile: str | bool = "auto", gradient_clip_val: float | None = 1.0,
                  accumulate_grad_batches: int = 1, monitor: str = "val/acc", monitor_mode: str = "max",
                  log_every_n_steps: int = 50, progress_bar: bool | str = "auto",
@@ -92,7 +98,9 @@ class Trainer:
                 raise ValueError(f"trainer.{key}={value} must be a whole number >= 1")
         if gradient_clip_val is not None and not (isinstance(gradient_clip_val, (int, float)) and gradient_clip_val >= 0):
             raise ValueError(f"trainer.gradient_clip_val={gradient_clip_val} must be a max norm >= 0, or null: no clipping")
-        self.max_epochs, self.max_time = max_epochs, max_time
+        self.max_epochs, self.max_time, self.max_steps = max_epochs, max_time, max_steps
+        Budget(max_epochs, 1, max_steps, max_time)  # bad limits fail here, before any data is read
+        self.clock = WallClock()  # where the time goes (summary "cost"); modes charges data loading and test to it
         self.device = resolve_device(device)
         # DDP: this process's rank in the job, and its device (cuda:LOCAL_RANK); vitsweep.trainer.distributed
         self.ranks = join_ranks(strategy, self.device, ddp_timeout_s)
@@ -166,6 +174,10 @@ class Trainer:
             raise ValueError(f"data.batch_size={data.batch_size} x trainer.accumulate_grad_batches={self.accumulate} "
                              f"exceeds the {len(data.split('train'))} training images: lower data.batch_size")
         self.ranks.check_batch_size(data.batch_size)
+        # which limit ends training, and the lr schedule (warmup included) stretched onto the steps it allows
+        budget = Budget(self.max_epochs, steps_per_epoch, self.max_steps, self.max_time,
+                        eval_images=len(data.split("val")) * data.eval_views, batch_size=data.batch_size * self.accumulate)
+        scheduler = budget.stretch(scheduler)
         epoch, step, skip_batches, elapsed_before = 0, 0, 0, 0.0
         best_value, best_epoch, best_metrics = None, None, None
         if resume_state is not None:  # continue the run that wrote last.pt
@@ -176,6 +188,7 @@ class Trainer:
             best_value, best_epoch = resume_state.get("best_value"), resume_state.get("best_epoch")
             best_metrics = resume_state.get("best_metrics")
             elapsed_before = resume_state.get("elapsed_s", 0.0)
+            budget.load_state_dict(resume_state.get("budget"), step)  # the same schedule as before the stop
             if "raw_model" in resume_state:  # written with EMA on: "model" holds the average
                 raw_model.load_state_dict(resume_state["raw_model"])
         # EMA of the weights: what is validated, tested and saved as "model" when on
@@ -194,14 +207,20 @@ class Trainer:
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
                     "best_value": best_value, "best_epoch": best_epoch, "best_metrics": best_metrics,
-                    "elapsed_s": time.time() - start_time,
+                    "elapsed_s": time.time() - start_time, "budget": budget.state_dict(),
                     "rng": rng_by_rank[0], **({"rng_by_rank": rng_by_rank} if len(rng_by_rank) > 1 else {}),
                     **checkpoint_extra,
                 })
             self.ranks.barrier()  # DDP: the other ranks read what rank 0 wrote (best.pt, after fit)
 
-        stopped_by_time = False
-        while epoch < self.max_epochs and not stopped_by_time:
+        budget_spent, train_images = False, 0  # budget_spent: max_steps or max_time (the plan's last step) reached
+
+        def elapsed() -> float:  # DDP: rank 0's clock on every rank, so that every rank plans the same lr and stop
+            return self.ranks.agree(time.time() - start_time)
+
+        budget.start(elapsed())
+        self.clock.lap("other")
+        while epoch < self.max_epochs and not budget_spent:
             model.train()
             # DDP: each rank its own stream, seeded from (seed, epoch, rank); rank 0's is single-process
             if skip_batches == 0 or self.ranks.stored_rng_state(resume_state) is None:
@@ -221,11 +240,14 @@ class Trainer:
             for micro_step, (images, targets) in enumerate(batches):
                 self.ranks.sync_gradients((micro_step + 1) % self.accumulate == 0)  # DDP: on the last micro-batch
                 images, targets = augment(images, targets)
+                self.clock.lap("data")
+                train_images += images.shape[0]
                 with self.autocast():
                     outputs = model(data.normalize(images))  # logits (B, K), or what the task's heads return
                     loss = task.training_loss(outputs, targets)
                 scaler.scale(loss / self.accumulate).backward()
                 if (micro_step + 1) % self.accumulate:
+                    self.clock.lap("train")
                     continue  # accumulate gradients over more micro-batches
                 if self.gradient_clip_val:
                     scaler.unscale_(optimizer)
@@ -237,6 +259,7 @@ class Trainer:
                     ema.update(raw_model)  # ema = decay * ema + (1 - decay) * weights
                 step += 1
                 batch_in_epoch += 1
+                budget.after_step(step, elapsed())  # may re-plan the schedule's length (max_time)
                 scheduler.step_update(num_updates=step)
 
                 # bookkeeping stays on the device; one sync per log window, not per step
@@ -263,25 +286,27 @@ class Trainer:
                     window_loss.zero_()
                     window_steps, window_start = 0, time.time()
                 progress.update(1)
+                self.clock.lap("train")
                 # SIGTERM/SIGINT (trainer/interrupt.py): keep this step exactly, then stop; DDP: any rank's signal
                 if self.ranks.any(interrupt.requested()):
                     progress.close()
                     checkpoint("last.pt", epoch, batch_in_epoch)
                     interrupt.stop(f"epoch {epoch}, step {step} (last.pt saved mid-epoch)")
-                # DDP: every rank stops at the same step (any rank's clock decides)
-                if self.max_time is not None and self.ranks.any(time.time() - start_time > self.max_time):
-                    stopped_by_time = batch_in_epoch < steps_per_epoch
+                if budget.exhausted(step, elapsed()):
+                    budget_spent = batch_in_epoch < steps_per_epoch
                     break
             progress.close()
 
-            epoch_done = not stopped_by_time
+            epoch_done = not budget_spent
             # DDP: the sums over every rank's images
             names = list(epoch_scores)
             epoch_loss, epoch_images, *totals = self.ranks.sum(epoch_loss, epoch_images, *epoch_scores.values())
             epoch_scores = dict(zip(names, totals))
             metrics = {"train/loss": (epoch_loss / max(epoch_images, 1)).item(),
                        **{f"train/{name}": (total / max(epoch_images, 1)).item() for name, total in epoch_scores.items()}}
+            self.clock.lap("train")
             metrics.update(self.evaluate(raw_model if ema is None else ema.module, data, "val", task))
+            self.clock.lap("eval")
             if self.monitor not in metrics:
                 raise ValueError(f"trainer.monitor={self.monitor!r} is not a logged metric: pick one of {sorted(metrics)}")
             logger.log(metrics, step=step, epoch=epoch)
@@ -291,14 +316,21 @@ class Trainer:
             if self.improved(metrics[self.monitor], best_value):
                 best_value, best_epoch, best_metrics = metrics[self.monitor], epoch, metrics
                 checkpoint("best.pt", epoch + epoch_done, 0)
+            budget.after_epoch_end(step, time.time() - start_time)  # before last.pt, which stores the plan
             if epoch_done:
                 epoch += 1
                 checkpoint("last.pt", epoch, 0)
             else:
                 checkpoint("last.pt", epoch, batch_in_epoch)  # resume mid-epoch from here
-            logger.update_summary(best_value=best_value, best_epoch=best_epoch, epochs_completed=epoch, steps=step)
+            logger.update_summary(best_value=best_value, best_epoch=best_epoch, epochs_completed=epoch, steps=step,
+                                  budget=budget.summary())
             if self.ranks.any(interrupt.requested()):  # the signal came during validation: last.pt above holds this point
                 interrupt.stop(f"epoch {epoch}, step {step} (last.pt saved)")
-            if self.max_time is not None and self.ranks.any(time.time() - start_time > self.max_time):
-                stopped_by_time = True
-        return FitResult(best_value, best_epoch, epoch, step, stopped_by_time, best_metrics)
+            budget.untimed(elapsed())
+            self.clock.lap("other")
+            if budget.exhausted(step, elapsed()):
+                budget_spent = True
+        stop_reason = budget.stop_reason or "max_epochs"
+        return FitResult(best_value, best_epoch, epoch, step, stop_reason == "max_time", best_metrics,
+                         stop_reason=stop_reason, budget=budget.summary(),
+                         train_images=train_images * self.ranks.world_size)  # DDP: every rank's images

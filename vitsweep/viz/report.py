@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class FigureReport:
-    def __init__(self, enabled_at_end: bool = True, num_images: int = 8, split: str = "val",
+    def __init__(self, enabled_at_end: bool = True, num_images: int = 4, split: str = "val",
                  images: Sequence[str] | None = None, layer: int = -1, rgb_bands: Sequence[int] | None = None,
                  explain: Sequence[str] = ("rollout", "ig", "gradcam")):
         if isinstance(explain, str):
