@@ -73,6 +73,9 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     config["data"].update(data.normalization_stats())  # the mean/std in use (computed if normalization=auto)
     logger.update_summary(num_params=sum(p.numel() for p in model.parameters()),
                           normalization=data.normalization_stats())
+    # issue 9 (research controls): what trains (prompt tuning, freezing) and the tokens each layer sees (pruning)
+    logger.update_summary(num_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                          tokens_per_layer=model.tokens_per_layer() if hasattr(model, "tokens_per_layer") else None)
 
     result = trainer.fit(model, data, augment, loss_fn, optimizer, scheduler, logger, job.checkpoint_dir,
                          seed=cfg.seed, checkpoint_extra={"config": config, "wandb_id": logger.run_id},
