@@ -69,7 +69,7 @@ class EViT(NoTokenPruning):
             raise ValueError(f"model.token_pruning.keep_rate={keep_rate} must be in (0, 1], e.g. 0.7")
         if not has_cls_token:
             raise ValueError("model/token_pruning=evit ranks tokens by the cls token's attention, and "
-                             "model.pooling=mean has no cls token: use model.pooling=cls or model/token_pruning=tome")
+                             "model.pooling=mean has no cls token: use model.pooling=cls")
         layers = sorted({depth // 4, depth // 2, 3 * depth // 4}) if layers is None else sorted(set(layers))
         if any(not 0 <= layer < depth for layer in layers):
             raise ValueError(f"model.token_pruning.layers={list(layers)} must be layer indices in 0..{depth - 1}")

@@ -87,7 +87,8 @@ class FigureReport:
             refused = [name for name in self.methods_for(model) if name in NEEDS_TOKEN_GRID]
             if refused:
                 usable = ", ".join(name for name in EXPLAINERS if name not in NEEDS_TOKEN_GRID)
-                raise ValueError(f"viz.explain={self.explain}: {', '.join(refused)} need(s) every patch token in "
+                verb = "needs" if len(refused) == 1 else "need"
+                raise ValueError(f"viz.explain={self.explain}: {', '.join(refused)} {verb} every patch token in "
                                  f"every layer, but {without_token_grid(model)}: pick from {usable}, or "
                                  f"viz.explain=auto, or viz.enabled_at_end=false")
         if self.rgb_bands is not None and not all(0 <= band < in_channels for band in self.rgb_bands):
