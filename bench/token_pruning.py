@@ -56,28 +56,29 @@ def train(model, data: DataModule, steps: int, lr: float) -> float:
 
 
 @torch.inference_mode()
-def accuracy(model, data: DataModule, max_images: int) -> float:
+def accuracy(model, data: DataModule) -> float:
     model.eval()
     correct = seen = 0
     for images, labels in data.eval_batches("test"):
         correct += (model(data.normalize(images)).argmax(-1) == labels).sum().item()
         seen += len(labels)
-        if seen >= max_images:
-            break
     return correct / seen
 
 
 @torch.inference_mode()
-def images_per_s(model, batch_size: int, repeats: int) -> float:
-    model.eval()
+def images_per_s(models: dict, batch_size: int, repeats: int) -> dict[str, float]:
+    """Inference images/s of each model, timed in turns (round robin) so that load from other jobs on
+    the machine falls on all of them alike; the median of `repeats` batches each."""
     images = torch.randn(batch_size, 3, SHAPE["image_size"], SHAPE["image_size"])
-    model(images)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(images)
-        times.append(time.perf_counter() - start)
-    return batch_size / sorted(times)[len(times) // 2]  # the median: other jobs share the machine
+    times = {name: [] for name in models}
+    for turn in range(repeats + 1):
+        for name, model in models.items():
+            model.eval()
+            start = time.perf_counter()
+            model(images)
+            if turn:  # the first turn warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: batch_size / sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main():
@@ -94,27 +95,30 @@ def main():
 
     with tempfile.TemporaryDirectory() as cache:
         splits = load_imagefolder(args.root, image_size=SHAPE["image_size"], cache_dir=cache)
+    # the test tree is read class by class: score a random subset, not the first classes
+    subset = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(0))[:args.test_images]
+    splits.test = splits.test.subset(subset)
     data = DataModule(splits, SHAPE["image_size"], 3, 10, batch_size=args.batch_size, eval_batch_size=500)
     variants = {"none": NoTokenPruning, f"tome r={args.tome_r}": partial(ToMe, r=args.tome_r),
                 f"evit keep={args.evit_keep_rate}": partial(EViT, keep_rate=args.evit_keep_rate)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | CIFAR-10 at 28 px, patch 2: 196 tokens "
           f"+ cls | {args.steps} steps x {args.batch_size} images per variant, test on {args.test_images} images")
 
-    results = {}
+    models, step_s, acc = {}, {}, {}
     for name, pruning in variants.items():
-        model = build(pruning)
-        step_s = train(model, data, args.steps, args.lr)
-        results[name] = (images_per_s(model, 256, args.repeats), accuracy(model, data, args.test_images), step_s,
-                         model.tokens_per_layer(), model.state_dict())
-    base_speed, base_acc = results["none"][0], results["none"][1]
-    for name, (speed, acc, step_s, tokens, _) in results.items():
-        print(f"{name:16s} inference {speed:7.0f} img/s  {speed / base_speed:5.2f}x none | trained with it: test acc "
-              f"{acc:.4f} ({acc - base_acc:+.4f} vs none) | train step {step_s * 1e3:5.0f} ms | tokens {tokens}")
+        models[name] = build(pruning)
+        step_s[name] = train(models[name], data, args.steps, args.lr)
+        acc[name] = accuracy(models[name], data)
+    speed = images_per_s(models, 256, args.repeats)
+    for name, model in models.items():
+        print(f"{name:16s} inference {speed[name]:7.0f} img/s  {speed[name] / speed['none']:5.2f}x none | trained "
+              f"with it: test acc {acc[name]:.4f} ({acc[name] - acc['none']:+.4f} vs none) | train step "
+              f"{step_s[name] * 1e3:5.0f} ms ({step_s['none'] / step_s[name]:4.2f}x none) | tokens {model.tokens_per_layer()}")
     for name, pruning in list(variants.items())[1:]:  # the unpruned weights, pruned at inference only
         model = build(pruning)
-        model.load_state_dict(results["none"][4])
-        acc = accuracy(model, data, args.test_images)
-        print(f"{name:16s} off the shelf (none's weights): test acc {acc:.4f} ({acc - base_acc:+.4f} vs none)")
+        model.load_state_dict(models["none"].state_dict())
+        shelf = accuracy(model, data)
+        print(f"{name:16s} off the shelf (none's weights): test acc {shelf:.4f} ({shelf - acc['none']:+.4f} vs none)")
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ class MergeTokens(nn.Module):
         if r <= 0:
             return x, size
         size = x.new_ones(B, N) if size is None else size  # (B, N) patches per token
-        keys = F.normalize(_heads(qkv, 1, self.num_heads).mean(dim=1)[:, p:], dim=-1)  # (B, n, hd)
+        keys = qkv[:, p:, C:2 * C].unflatten(-1, (self.num_heads, -1)).mean(dim=2)  # (B, n, hd): mean over heads
+        keys = F.normalize(keys, dim=-1)
         similarity = keys[:, ::2] @ keys[:, 1::2].transpose(-2, -1)  # (B, |A|, |B|): cosine of keys
         best, partner = similarity.max(dim=-1)  # (B, |A|): each A token's most similar B token
         order = best.argsort(dim=-1, descending=True)
