@@ -28,6 +28,7 @@ PATTERNS = {
     "windowed": partial(WindowedAttention, window_size=8, shift=True),
     "local": partial(LocalAttention, kernel_size=3),
     "axial": partial(SparseAttention, pattern="axial"),
+    "strided": partial(SparseAttention, pattern="strided"),
 }
 
 

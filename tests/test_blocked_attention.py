@@ -1,4 +1,5 @@
-"""The blocked computations of the attention patterns (windows, Halo blocks, rows and columns) give
+"""The blocked computations of the attention patterns (windows, Halo blocks, rows and columns, bands
+and lanes) give
 what the dense masked product gives (the reference that defines each pattern), within 1e-5, values
 and gradients: shifted windows and not, with and without a cls token (and with prompt tokens as
 more prefix tokens), on grids the window or block does not divide."""
@@ -103,8 +104,13 @@ def test_axial_rows_and_columns_equal_the_masked_reference(grid, num_prefix):
     assert_same(attn)
 
 
-def test_strided_sparse_is_the_masked_product():
-    attn = SparseAttention(DIM, num_heads=HEADS, grid_size=(6, 6), pattern="strided", stride=4)
+@pytest.mark.parametrize("grid,stride", [((6, 6), None), ((6, 6), 4), ((7, 9), None), ((4, 5), 3), ((3, 3), 1),
+                                         ((1, 7), 7), ((5, 3), 2)])
+@pytest.mark.parametrize("num_prefix", [0, 1, 3])
+def test_strided_band_and_lanes_equal_the_masked_reference(grid, stride, num_prefix):
+    # stride None: round(sqrt(P)); strides that do not divide P leave a padded last row
+    attn = SparseAttention(DIM, num_heads=HEADS, grid_size=grid, num_prefix_tokens=num_prefix, pattern="strided",
+                           stride=stride)
     assert_same(attn)
 
 
@@ -112,7 +118,8 @@ def test_strided_sparse_is_the_masked_product():
     WindowedAttention(DIM, num_heads=HEADS, grid_size=(4, 4), window_size=2, layer_idx=1),
     LocalAttention(DIM, num_heads=HEADS, grid_size=(12, 12)),
     SparseAttention(DIM, num_heads=HEADS, grid_size=(4, 4)),
-], ids=["windowed", "local", "axial"])
+    SparseAttention(DIM, num_heads=HEADS, grid_size=(4, 4), pattern="strided"),
+], ids=["windowed", "local", "axial", "strided"])
 def test_blocked_paths_refuse_a_sequence_of_another_length(attn):
     with pytest.raises(ValueError, match=r"was built for \d+ tokens .* input has 10"):
         attn(torch.randn(1, 10, DIM))

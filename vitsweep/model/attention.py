@@ -245,8 +245,8 @@ class SparseAttention(PatternAttention):
       (row-major) order, plus every patch whose flat index is congruent to its own modulo `stride`
       (Child et al., 2019, made bidirectional): two layers connect every pair of patches.
 
-    `axial` is computed per row and column (`blocked_attention.axial_attention`); `strided` as the
-    dense masked product.
+    `axial` is computed per row and column (`blocked_attention.axial_attention`); `strided` with the
+    patches in rows of `stride`, as a band of three rows and a column (`strided_attention`).
     """
 
     def __init__(self, *args, pattern: str = "axial", stride: int | None = None, **kwargs):
@@ -259,7 +259,14 @@ class SparseAttention(PatternAttention):
             raise ValueError(f"model.attention.stride={stride} must be >= 1")
         self.sparse_pattern, self.stride = pattern, stride
         super().__init__(*args, **kwargs)
-        self.register_buffer("dense_mask", None if pattern == "axial" else self.mask, persistent=False)
+        if pattern == "strided":
+            band, lane = blocked.strided_masks(self.grid_size[0] * self.grid_size[1], self.lane_stride)
+            self.register_buffer("band_mask", band, persistent=False)
+            self.register_buffer("lane_mask", lane, persistent=False)
+
+    @property
+    def lane_stride(self) -> int:
+        return self.stride or max(1, round((self.grid_size[0] * self.grid_size[1]) ** 0.5))
 
     def pattern(self, grid_h, grid_w):
         if self.sparse_pattern == "axial":
@@ -273,8 +280,9 @@ class SparseAttention(PatternAttention):
         return near | same_lane
 
     def attend(self, qkv, size, dropout_p):
-        if self.sparse_pattern != "axial":
-            return super().attend(qkv, size, dropout_p)
         self.check_num_tokens(qkv.shape[1])
+        if self.sparse_pattern == "strided":
+            return blocked.strided_attention(qkv, self.num_heads, self.num_prefix_tokens, self.lane_stride,
+                                             self.band_mask, self.lane_mask, self.scale, dropout_p)
         return blocked.axial_attention(qkv, self.num_heads, self.grid_size, self.num_prefix_tokens, self.scale,
                                        dropout_p)

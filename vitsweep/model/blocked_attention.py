@@ -12,6 +12,8 @@ computed on the blocks of tokens it actually relates, with the same result (to f
                a halo of kernel_size // 2 patches, masked to each query's own neighbourhood
     axial      criss-cross: every patch scores its row and its column (and the prefix tokens) in
                one softmax, from per-row and per-column products
+    strided    the patches in rows of `stride`: a band of three rows and the patch's column, in
+               one softmax
 
 Prefix tokens (cls, prompts) stay global as in the masked form: their queries attend to every token
 in one small SDPA, and every patch query also scores the prefix keys, in the same softmax as its
@@ -205,6 +207,60 @@ def axial_attention(qkv: torch.Tensor, num_heads: int, grid_size: tuple[int, int
     if num_prefix:
         out = out + (p_prefix.flatten(2, 3) @ prefix[2]).unflatten(2, (H, W))
     out = out.permute(0, 2, 3, 1, 4).reshape(B, H * W, -1)  # (B, P, C)
+    if num_prefix:
+        out = torch.cat([prefix_attention(qkv, num_prefix, num_heads, dropout_p), out], dim=1)
+    return out  # (B, N, C)
+
+
+# ---------------------------------------------------------------------------------------- strided
+
+def strided_masks(num_patches: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For `strided_attention`, with the patches in rows of `stride` (R rows, the last one padded):
+    band (R, s, 3s) bool, query (a, b) sees key c of rows a-1, a, a+1 when their flat distance is
+    below the stride; lane (R, s, R) bool, query (a, b) sees key (a', b) of its column, itself left
+    out (it is in the band). Padding keys are masked in both."""
+    s = stride
+    rows = -(-num_patches // s)
+    query = torch.arange(rows * s).view(rows, s)  # flat index of each query
+    band_key = query[:, :1, None] - s + torch.arange(3 * s)  # (R, 1, 3s): flat index of each band key
+    band = ((query[..., None] - band_key).abs() < s) & (band_key >= 0) & (band_key < num_patches)  # (R, s, 3s)
+    lane_key = torch.arange(rows)[None, None, :] * s + torch.arange(s)[None, :, None]  # (1, s, R)
+    lane = (lane_key < num_patches) & (torch.arange(rows)[:, None, None] != torch.arange(rows)[None, None, :])
+    return band, lane  # (R, s, 3s), (R, s, R)
+
+
+def strided_attention(qkv: torch.Tensor, num_heads: int, num_prefix: int, stride: int, band_mask: torch.Tensor,
+                      lane_mask: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Each patch attends to the patches less than `stride` apart in row-major order and to those
+    congruent to it modulo `stride` (Child et al., 2019, both ways), plus the prefix tokens, in one
+    softmax. With the patches in rows of `stride`, the first is a band of three rows, the second a
+    column: O(N (3 s + N / s)) instead of O(N²). (B, N, 3C) -> (B, N, C)."""
+    B, N, C3 = qkv.shape
+    P, s = N - num_prefix, stride
+    rows = band_mask.shape[0]
+    patches = F.pad(qkv[:, num_prefix:], (0, 0, 0, rows * s - P))  # (B, R*s, 3C)
+    heads = split_heads(patches.view(B, rows, s, C3), num_heads)  # (B, R, s, 3, nh, hd)
+    q, k, v = (t.contiguous() for t in heads.permute(3, 0, 4, 1, 2, 5).unbind(0))  # (B, nh, R, s, hd)
+    q = q * scale
+    k_pad, v_pad = F.pad(k, (0, 0, 0, 0, 1, 1)), F.pad(v, (0, 0, 0, 0, 1, 1))  # a zero row above and below
+    k_band = torch.cat([k_pad[:, :, :-2], k_pad[:, :, 1:-1], k_pad[:, :, 2:]], dim=3)  # (B, nh, R, 3s, hd)
+    v_band = torch.cat([v_pad[:, :, :-2], v_pad[:, :, 1:-1], v_pad[:, :, 2:]], dim=3)
+    band = (q @ k_band.transpose(-2, -1)).masked_fill(~band_mask, float("-inf"))  # (B, nh, R, s, 3s)
+    q_t, k_t, v_t = (t.transpose(2, 3).contiguous() for t in (q, k, v))  # (B, nh, s, R, hd)
+    lane = (q_t @ k_t.transpose(-2, -1)).transpose(2, 3)  # (B, nh, R, s, R): key (a', b)
+    lane = lane.masked_fill(~lane_mask, float("-inf"))
+    scores = [band, lane]
+    if num_prefix:
+        prefix = split_heads(qkv[:, :num_prefix], num_heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, p, hd)
+        scores.insert(0, (q.flatten(2, 3) @ prefix[1].transpose(-2, -1)).unflatten(2, (rows, s)))  # (B, nh, R, s, p)
+    probs = torch.cat(scores, dim=-1).softmax(dim=-1)  # (B, nh, R, s, p + 3s + R)
+    probs = F.dropout(probs, dropout_p) if dropout_p else probs
+    p_prefix, p_band, p_lane = (t.contiguous() for t in probs.split([num_prefix, 3 * s, rows], dim=-1))
+    out = p_band @ v_band  # (B, nh, R, s, hd)
+    out = out + (p_lane.transpose(2, 3) @ v_t).transpose(2, 3)
+    if num_prefix:
+        out = out + (p_prefix.flatten(2, 3) @ prefix[2]).unflatten(2, (rows, s))
+    out = out.permute(0, 2, 3, 1, 4).reshape(B, rows * s, -1)[:, :P]  # (B, P, C)
     if num_prefix:
         out = torch.cat([prefix_attention(qkv, num_prefix, num_heads, dropout_p), out], dim=1)
     return out  # (B, N, C)
