@@ -2,6 +2,7 @@
 ViT with each `model/attention` pattern against full attention, side by side in one run, printed as
 speed ratios (full time / pattern time; above 1 = faster than full). Each pattern also runs as the
 dense masked product it replaced (`masked`, the reference in the tests), to show what blocking bought.
+The variants run in turns, step by step, so that other jobs on a shared machine slow them alike.
 
     python bench/attention_scaling.py                          # 512 px, patch 8: 4,096 tokens (the issue's target)
     python bench/attention_scaling.py --image-size 256         # 1,024 tokens
@@ -48,19 +49,26 @@ def masked(pattern: partial) -> partial:
     return partial(Masked, **pattern.keywords)
 
 
-def step_seconds(attention, image_size: int, patch_size: int, batch_size: int, steps: int) -> float:
+def build(attention, image_size: int, patch_size: int) -> VisionTransformer:
     torch.manual_seed(0)
-    model = VisionTransformer(image_size=image_size, patch_size=patch_size, in_channels=3, num_classes=10,
-                              embed_dim=192, depth=4, num_heads=3, mlp_dim=768, drop_path=0.0, attention=attention)
+    return VisionTransformer(image_size=image_size, patch_size=patch_size, in_channels=3, num_classes=10,
+                             embed_dim=192, depth=4, num_heads=3, mlp_dim=768, drop_path=0.0, attention=attention)
+
+
+def step_seconds(models: dict, image_size: int, batch_size: int, steps: int) -> dict[str, float]:
+    """Seconds per training step (forward + backward) of each model, run in turns (round robin) so
+    that load from other jobs on the machine falls on all of them alike; the median of `steps`."""
     images = torch.randn(batch_size, 3, image_size, image_size)
     labels = torch.randint(0, 10, (batch_size,))
-    times = []
-    for _ in range(steps + 1):  # the first step warms up
-        start = time.perf_counter()
-        F.cross_entropy(model(images), labels).backward()
-        times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return sorted(times[1:])[len(times[1:]) // 2]  # the median: other jobs share the machine
+    times = {name: [] for name in models}
+    for turn in range(steps + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            F.cross_entropy(model(images), labels).backward()
+            if turn:  # the first turn warms up
+                times[name].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main():
@@ -70,17 +78,24 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--patterns", nargs="+", default=[p for p in PATTERNS if p != "full"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 gives steadier ratios on a machine other jobs share")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     grid = args.image_size // args.patch_size
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | {args.image_size} px, patch "
           f"{args.patch_size}: {grid}x{grid} = {grid * grid} tokens + cls, batch {args.batch_size}, fwd+bwd, "
-          f"median of {args.steps} steps")
-    run = partial(step_seconds, image_size=args.image_size, patch_size=args.patch_size, batch_size=args.batch_size,
-                  steps=args.steps)
-    full = run(PATTERNS["full"])
+          f"median of {args.steps} steps, the variants in turns")
+    models = {"full": build(PATTERNS["full"], args.image_size, args.patch_size)}
+    for name in args.patterns:
+        models[name] = build(PATTERNS[name], args.image_size, args.patch_size)
+        models[f"{name} masked"] = build(masked(PATTERNS[name]), args.image_size, args.patch_size)
+    seconds = step_seconds(models, args.image_size, args.batch_size, args.steps)
+    full = seconds["full"]
     print(f"{'full':10s} {full * 1e3:9.0f} ms")
     for name in args.patterns:
-        blocked, reference = run(PATTERNS[name]), run(masked(PATTERNS[name]))
+        blocked, reference = seconds[name], seconds[f"{name} masked"]
         print(f"{name:10s} {blocked * 1e3:9.0f} ms  {full / blocked:5.2f}x full | masked {reference * 1e3:9.0f} ms  "
               f"{full / reference:5.2f}x full | blocked / masked {reference / blocked:5.2f}x")
 

@@ -7,8 +7,8 @@ same batches (pruning in training too), then is timed and scored on the test spl
 model's weights are also scored with pruning switched on at inference only ("off the shelf", as ToMe
 reports), which needs no training: neither method has parameters.
 
-    python bench/token_pruning.py --root ~/datasets/cifar10-jpeg                 # ~25 min on 2 CPU cores
-    python bench/token_pruning.py --root ~/datasets/cifar10-jpeg --steps 100 --test-images 1000   # quicker
+    python bench/token_pruning.py --root ~/datasets/cifar10-jpeg        # ~30 min on 2 busy CPU cores
+    python bench/token_pruning.py --root ~/datasets/cifar10-jpeg --steps 50 --test-images 1000   # quicker
 """
 
 from __future__ import annotations
@@ -84,14 +84,18 @@ def images_per_s(models: dict, batch_size: int, repeats: int) -> dict[str, float
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="CIFAR-10 as a class-per-folder tree (train/, test/)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of batch --batch-size per variant")
+    parser.add_argument("--steps", type=int, default=150, help="training steps of batch --batch-size per variant")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--tome-r", type=int, default=16, help="ToMe: tokens merged per layer (196 -> 100 in 6 layers)")
     parser.add_argument("--evit-keep-rate", type=float, default=0.7, help="EViT: patch tokens kept at layers 1, 3, 4")
     parser.add_argument("--repeats", type=int, default=7, help="timed inference batches (batch 256) per variant")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 gives steadier ratios on a machine other jobs share")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as cache:
         splits = load_imagefolder(args.root, image_size=SHAPE["image_size"], cache_dir=cache)
@@ -102,13 +106,15 @@ def main():
     variants = {"none": NoTokenPruning, f"tome r={args.tome_r}": partial(ToMe, r=args.tome_r),
                 f"evit keep={args.evit_keep_rate}": partial(EViT, keep_rate=args.evit_keep_rate)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | CIFAR-10 at 28 px, patch 2: 196 tokens "
-          f"+ cls | {args.steps} steps x {args.batch_size} images per variant, test on {args.test_images} images")
+          f"+ cls | {args.steps} steps x {args.batch_size} images per variant, test on {args.test_images} images",
+          flush=True)
 
     models, step_s, acc = {}, {}, {}
     for name, pruning in variants.items():
         models[name] = build(pruning)
         step_s[name] = train(models[name], data, args.steps, args.lr)
         acc[name] = accuracy(models[name], data)
+        print(f"  trained {name}: {step_s[name] * 1e3:.0f} ms/step, test acc {acc[name]:.4f}", flush=True)
     speed = images_per_s(models, 256, args.repeats)
     for name, model in models.items():
         print(f"{name:16s} inference {speed[name]:7.0f} img/s  {speed[name] / speed['none']:5.2f}x none | trained "
