@@ -53,8 +53,8 @@ OPTIONS = {
     "multi_label_bce": {"defaults": [{"override /loss": "bce"}], "multi_label": True},
     "multi_label_focal": {"defaults": [{"override /loss": "focal"}], "multi_label": True, "loss": {"alpha": 0.25}},
     "metrics_subset": {"metrics": {"names": ["accuracy", "f1"], "per_class": False}},
-    # research controls (issue 9); a 12x12 grid makes local attention run as Halo blocks
-    "attention_local_halo": {"defaults": [{"override /model/attention": "local"}], "data": {"image_size": 48}},
+    # research controls (issue 9); a 25x25 grid makes local attention run as Halo blocks
+    "attention_local_halo": {"defaults": [{"override /model/attention": "local"}], "data": {"image_size": 100}},
     "token_pruning_evit": {"defaults": [{"override /model/token_pruning": "evit"}],
                            "model": {"token_pruning": {"keep_rate": 0.5}}},
     "token_pruning_tome": {"defaults": [{"override /model/token_pruning": "tome"}], "model": {"token_pruning": {"r": 3}}},
