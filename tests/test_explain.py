@@ -98,7 +98,7 @@ def test_cls_logits_ignore_the_patch_tokens_leaving_the_last_block():
     # why Grad-CAM taps the tokens entering the last block: leaving it, patches have no gradient
     model = tiny_vit("cls")
     captured = {}
-    handle = model.blocks[-1].register_forward_hook(lambda module, args, out: captured.update(tokens=out))
+    handle = model.blocks[-1].register_forward_hook(lambda module, args, out: captured.update(tokens=out[0]))  # (tokens, sizes)
     logits = model(torch.randn(1, 3, 32, 32))
     handle.remove()
     grads = torch.autograd.grad(logits[0, 0], captured["tokens"])[0]  # (1, N, D)

@@ -3,6 +3,7 @@ class count, train the head only, fail clearly offline; and the ViT-S/16 CIFAR-1
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from vitsweep.data import DataModule
 from vitsweep.data.synthetic import load_synthetic
 from vitsweep.model import create_vit
 from vitsweep.model.pretrained import TRAINABLE
+from vitsweep.model.prompt import ShallowPrompt
 from vitsweep.optimizer import build_optimizer
 
 EXPERIMENT = "finetune_vit_s16_cifar10"
@@ -88,8 +90,9 @@ def test_timm_weights_offline_fail_with_one_line_naming_the_key(tmp_path):
 @pytest.mark.parametrize("trainable", list(TRAINABLE))
 @pytest.mark.parametrize("weight_decay", [0.05, 0.0])
 def test_optimizer_gets_exactly_the_trainable_parameters(trainable, weight_decay):
+    prompt = partial(ShallowPrompt, length=2) if trainable == "prompt+head" else None  # it trains prompt tokens
     model = create_vit(image_size=16, patch_size=4, in_channels=3, num_classes=4, embed_dim=32, depth=2,
-                       num_heads=2, mlp_dim=64, trainable=trainable)
+                       num_heads=2, mlp_dim=64, trainable=trainable, prompt=prompt)
     optimizer = build_optimizer(model, name="adamw", weight_decay=weight_decay)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}

@@ -106,7 +106,7 @@ def test_block_output_depends_only_on_tokens_in_the_pattern(name, norm, placemen
     # statistics are shared by all tokens, so no norm-free locality holds there)
     x = torch.randn(1, 1 + GRID[0] * GRID[1], DIM)
     for layer, block in enumerate(model.blocks):
-        depends = dependence(lambda t, block=block: block(t), x)
+        depends = dependence(lambda t, block=block: block(t)[0], x)  # blocks return (tokens, token sizes)
         assert torch.equal(depends, expected_visibility(name, layer, num_prefix=1))
 
 
@@ -205,7 +205,7 @@ def test_pre_and_post_norm_give_different_functions_with_identical_weights():
     assert not torch.allclose(pre(images), post(images))
     # post-norm: a block's output is normalized (LayerNorm at init: weight 1, bias 0); pre-norm: not
     tokens = pre.pos_embed(torch.cat([pre.cls_token.expand(2, -1, -1), pre.patch_embed(images)], dim=1))
-    post_out, pre_out = post.blocks[0](tokens), pre.blocks[0](tokens)
+    (post_out, _), (pre_out, _) = post.blocks[0](tokens), pre.blocks[0](tokens)  # (tokens, token sizes)
     torch.testing.assert_close(post_out.mean(dim=-1), torch.zeros(2, 21), atol=1e-5, rtol=0)
     assert pre_out.mean(dim=-1).abs().max() > 1e-3
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_RUN, read_metrics, read_summary, run_cli
+from conftest import TINY_MODEL, TINY_RUN, read_metrics, read_summary, run_cli
 from omegaconf import OmegaConf
 
 # option -> its config (merged at the root, after everything else)
@@ -65,6 +65,19 @@ OPTIONS = {
                                            "crowd": {"type": "regression", "column": "crowd", "loss": "l1"},
                                            "area": {"type": "segmentation", "column": "area", "weight": 0.5}}}},
     "aux_heads": {"task": {"aux_heads": ["deep_supervision", "region", "attention"]}},
+    # research controls (issue 9); a 25x25 grid makes local attention run as Halo blocks
+    "attention_local_halo": {"defaults": [{"override /model/attention": "local"}], "data": {"image_size": 100}},
+    "token_pruning_evit": {"defaults": [{"override /model/token_pruning": "evit"}],
+                           "model": {"token_pruning": {"keep_rate": 0.5}}},
+    "token_pruning_tome": {"defaults": [{"override /model/token_pruning": "tome"}], "model": {"token_pruning": {"r": 3}}},
+    "sharing_all": {"defaults": [{"override /model/sharing": "all"}], "model": {"depth": 3}},
+    "sharing_cycle": {"defaults": [{"override /model/sharing": "cycle"}], "model": {"depth": 4}},
+    "prompt_shallow": {"defaults": [{"override /model/prompt": "shallow"}],
+                       "model": {"prompt": {"length": 4}, "trainable": "prompt+head"}},
+    "prompt_deep": {"defaults": [{"override /model/prompt": "deep"}],
+                    "model": {"depth": 2, "prompt": {"length": 3}, "trainable": "prompt+head"}},
+    "swin": {"defaults": [{"override /model": "swin"}], "data": {"image_size": 32},
+             "model": {"embed_dim": 16, "depths": [2, 2], "num_heads": [2, 4]}},
     # bad input: the job fails with its one-line reason, before any training step
     "bad_metric_name": {"metrics": {"names": ["accuracy", "auc"]}},
     "bad_class_weights": {"loss": {"class_weights": [1.0, 2.0]}},
@@ -74,6 +87,8 @@ EXPECTED_FAILURES = {
     "bad_class_weights": "loss.class_weights has 2 values but data.num_classes=4",
 }
 BASE = {"trainer": {"max_epochs": 1}}  # under every option
+VIT_BASE = {"model": {"embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}}  # TINY_MODEL, under every ViT option
+NOT_VIT = {"swin"}  # other model configs: the ViT's keys are not theirs
 EMBED = 32  # TINY_MODEL's embed_dim
 
 
@@ -84,10 +99,11 @@ def sweep(tmp_path_factory) -> dict[str, Path]:
     group_dir = tmp_path / "smoke_conf" / "smoke"
     group_dir.mkdir(parents=True)
     for name, body in OPTIONS.items():
-        body = OmegaConf.to_container(OmegaConf.merge(BASE, body))
+        body = OmegaConf.to_container(OmegaConf.merge(BASE, {} if name in NOT_VIT else VIT_BASE, body))
         (group_dir / f"{name}.yaml").write_text("# @package _global_\n" + yaml.safe_dump(body))
     # command-line values beat the files, so what an option may change lives in BASE, not on the line
-    tiny_run = [arg for arg in TINY_RUN if arg.split("=")[0] not in ("trainer.max_epochs",)]
+    tiny_model_keys = [arg.split("=")[0] for arg in TINY_MODEL]
+    tiny_run = [arg for arg in TINY_RUN if arg.split("=")[0] not in ("trainer.max_epochs", *tiny_model_keys)]
     proc = run_cli([f"hydra.searchpath=[file://{tmp_path / 'smoke_conf'}]", f"+smoke={','.join(OPTIONS)}", *tiny_run,
                     "logger=none", "trainer.log_every_n_steps=1"], tmp_path, multirun=True, check=False)
     # the EXPECTED_FAILURES jobs fail, so the sweep exits 1 after running them all (docs/sweeps.md)
@@ -180,6 +196,27 @@ def trained_aux_heads(jobs, summary):
     assert "test/acc" in summary["metrics"] and not any("region" in key for key in summary["metrics"])
 
 
+def tokens_per_layer(expected: list[int]):
+    def check(jobs, summary):
+        assert summary["tokens_per_layer"] == expected
+    return check
+
+
+def trainable_params(expected: int):
+    def check(jobs, summary):
+        assert summary["num_trainable_params"] == expected < summary["num_params"]
+    return check
+
+
+BLOCK = 2 * 2 * EMBED + (EMBED * 3 * EMBED + 3 * EMBED) + (EMBED * EMBED + EMBED) + 2 * EMBED * 64 + 64 + EMBED
+HEAD = EMBED * 4 + 4
+
+
+def swin_checkpoint(jobs, summary):
+    weights = torch.load(Path(summary["job_dir"]) / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert "layers.1.downsample.reduction.weight" in weights and weights["head.fc.weight"].shape == (4, 32)
+
+
 CHECKS = {
     "task_regression": task_metrics("regression", {"val/rmse", "val/mae", "test/r2"}, ("regression_scatter.png",)),
     "task_segmentation": task_metrics("segmentation", {"val/miou", "val/pixel_acc", "test/iou/class_1"}),
@@ -208,6 +245,13 @@ CHECKS = {
     "multi_label_bce": multi_label_metrics,
     "multi_label_focal": multi_label_metrics,
     "ema": ema_in_checkpoint,
+    "token_pruning_evit": tokens_per_layer([17, 1 + 8 + 1]),  # 16 patches -> ceil(16 x 0.5) kept + 1 fused
+    "token_pruning_tome": tokens_per_layer([17, 17 - 3]),
+    "sharing_all": params_vs_defaults(0),  # 3 layers, the parameters of the defaults' 1
+    "sharing_cycle": params_vs_defaults(BLOCK),  # 4 layers cycling 2 blocks: one block more than 1 layer
+    "prompt_shallow": trainable_params(4 * EMBED + HEAD),  # length x dim + head
+    "prompt_deep": trainable_params(3 * EMBED * 2 + HEAD),  # length x dim x depth + head
+    "swin": swin_checkpoint,
 }
 
 

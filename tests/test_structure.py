@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig
 from test_config import REQUIRED, composed, group_options
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vitsweep"
@@ -117,7 +118,7 @@ def test_every_config_group_has_a_package_of_the_same_name():
 def test_building_a_model_opens_no_file(option, monkeypatch):
     cfg = composed([f"model={option}", *REQUIRED.get(("model", option), []), "model.pretrained=null"])
     model_cfg = cfg.model  # composition reads YAML files, and importing the code reads .py files ...
-    for node in (model_cfg, *(v for v in model_cfg.values() if hasattr(v, "get"))):
+    for node in (model_cfg, *(v for v in model_cfg.values() if isinstance(v, DictConfig))):
         if node.get("_target_"):
             get_object(node._target_)
 

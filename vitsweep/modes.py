@@ -139,6 +139,9 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     flops = forward_flops(model, (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size))  # on `meta`
     logger.update_summary(num_params=num_params, normalization=data.normalization_stats(), task=task.kind,
                           cost={"params": num_params, "gflops_per_image": gflops(flops)}, **skipped_files(data))
+    # research controls: what trains (prompt tuning, freezing) and the tokens each layer sees (pruning)
+    logger.update_summary(num_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                          tokens_per_layer=model.tokens_per_layer() if hasattr(model, "tokens_per_layer") else None)
 
     with interrupt.at_step_boundaries():  # a signal stops training after the running step, with last.pt saved
         result = trainer.fit(model, data, augment, task, optimizer, scheduler, logger, job.checkpoint_dir,

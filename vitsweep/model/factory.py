@@ -22,13 +22,17 @@ from vitsweep.model.vit import VisionTransformer
 def create_vit(pretrained: str | None = None, trainable: str = "all", **architecture) -> VisionTransformer:
     """A `VisionTransformer(**architecture)`, its weights loaded from `pretrained` (a run's best.pt, a
     timm .pth/.safetensors, or timm:NAME; adapted to this shape) and only the `trainable` parameters
-    left trainable (all | head | head+norm | head+norm+last_block)."""
+    left trainable (all | head | head+norm | head+norm+last_block | prompt+head)."""
     model = VisionTransformer(**architecture)
     return start_from(model, pretrained, trainable)
 
 
 def start_from(model: nn.Module, pretrained: str | None, trainable: str) -> nn.Module:
     """Load `pretrained` into `model` (recording the report as `model.load_report`), then freeze."""
+    sharing = getattr(model, "sharing", None)
+    if pretrained and sharing is not None and sharing.name != "none":
+        raise ValueError(f"model.pretrained={pretrained} cannot start model/sharing={sharing.name}: pretrained layers "
+                         f"have distinct weights, shared layers one set; train it from scratch (model.pretrained=null)")
     model.load_report = load_pretrained(model, pretrained) if pretrained else None
     freeze(model, trainable)
     return model

@@ -40,10 +40,11 @@ class Features:
 class TaskHead(nn.Module):
     """A head that reads `Features` rather than the pooled vector alone. `reads_blocks` and
     `reads_attention` list the blocks whose output tokens or attention maps it needs; the trunk keeps
-    only those."""
+    only those. `reads_patch_grid`: it reads the patch tokens as a grid (a decoder, per-patch labels)."""
 
     reads_blocks: tuple[int, ...] = ()
     reads_attention: tuple[int, ...] = ()
+    reads_patch_grid: bool = False  # every patch token in place: refused with token pruning (model/token_pruning)
 
     def forward(self, features: Features):
         raise NotImplementedError

@@ -34,7 +34,8 @@ TRAINABLE = {
     "all": ("",),  # full fine-tuning
     "head": ("head.",),  # linear probe
     "head+norm": ("head.", "norm."),  # linear probe plus the final norm (cheap, often much better)
-    "head+norm+last_block": ("head.", "norm.", "blocks.{last}."),  # also the last encoder layer
+    "head+norm+last_block": ("head.", "norm.", "{last_block}."),  # also the last encoder layer
+    "prompt+head": ("prompt.", "head."),  # Visual Prompt Tuning: the prompt tokens and the head
 }
 
 # timm ViT keys we know how to map; anything else in a timm state dict is an error, not a silent drop.
@@ -146,8 +147,9 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, strict_shapes: bool = T
     target = model.state_dict()
 
     # prefix (cls) tokens: vitsweep's position embedding covers them, so they move together
+    # (prompt tokens are prefix tokens too, but have no position embedding)
     source_prefix = 1 if "cls_token" in state_dict else 0
-    target_prefix = model.num_prefix_tokens
+    target_prefix = 1 if "cls_token" in target else 0
     if "cls_token" in state_dict and "cls_token" not in target:
         state_dict.pop("cls_token")
         report.dropped.append("cls_token (model uses mean pooling)")
@@ -185,6 +187,9 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, strict_shapes: bool = T
             report.adapted_channels.append(f"patch_embed.proj.weight {kernel.shape[1]} -> {in_ch} bands")
             kernel = adapt_input_channels(kernel, in_ch)
         state_dict["patch_embed.proj.weight"] = kernel
+
+    for key in [k for k in target if k.startswith("prompt.") and k not in state_dict]:
+        report.reinitialized.append(f"{key} (prompt tokens start from their init)")
 
     for key in ("head.weight", "head.bias"):
         if key in target and key not in state_dict:  # a headless (feature-extractor) checkpoint
@@ -342,12 +347,16 @@ def _preview(keys: list[str], limit: int = 4) -> str:
 
 def freeze(model: nn.Module, trainable: str = "all") -> list[str]:
     """Set requires_grad so that only the parameters named by `trainable` train (see TRAINABLE):
-    `all`, `head`, `head+norm` (head and final norm) or `head+norm+last_block`. Returns the names
-    of the trainable parameters. The optimizer should get only `p.requires_grad` parameters."""
+    `all`, `head`, `head+norm` (head and final norm), `head+norm+last_block` or `prompt+head`.
+    Returns the names of the trainable parameters. The optimizer should get only `p.requires_grad`
+    parameters. A model names its last block with `last_block_name` (default `blocks.<last>`)."""
     if trainable not in TRAINABLE:
         raise ValueError(f"model.trainable={trainable!r} is not one of: {', '.join(TRAINABLE)}")
-    last = len(model.blocks) - 1
-    prefixes = tuple(p.format(last=last) for p in TRAINABLE[trainable])
+    if trainable == "prompt+head" and not any(name.startswith("prompt.") for name, _ in model.named_parameters()):
+        raise ValueError("model.trainable=prompt+head but the model has no prompt tokens: "
+                         "add model/prompt=shallow or model/prompt=deep")
+    last_block = model.last_block_name() if hasattr(model, "last_block_name") else f"blocks.{len(model.blocks) - 1}"
+    prefixes = tuple(p.format(last_block=last_block) for p in TRAINABLE[trainable])
     names = []
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith(prefixes))

@@ -2,8 +2,9 @@
 
 Module names follow timm's `VisionTransformer` (patch_embed.proj, cls_token, blocks.i.attn.qkv,
 blocks.i.mlp.fc1, norm, head), so timm weights port with little renaming (see pretrained.py).
-The attention pattern, the norm layer and the position embedding are components injected by
-the config groups model/attention, model/norm and model/pos_embed.
+The attention pattern, the norm layer, the position embedding, token pruning, weight sharing and
+prompt tokens are components injected by the config groups model/attention, model/norm,
+model/pos_embed, model/token_pruning, model/sharing and model/prompt.
 
 The head is timm's `nn.Linear` on the pooled vector unless a task gives a `TaskHead` factory
 (`head=`, plus `aux_heads=` trained alongside it; see heads.py): then the trunk hands the head the
@@ -28,6 +29,9 @@ from torch import nn
 from vitsweep.model.attention import MultiHeadAttention, record_attention
 from vitsweep.model.heads import Features, TaskHead
 from vitsweep.model.pos_embed import LearnedPositionEmbedding
+from vitsweep.model.prompt import NoPrompt
+from vitsweep.model.sharing import NoSharing, drop_aliases, fill_aliases, tie_blocks
+from vitsweep.model.token_pruning import NoTokenPruning
 
 
 def _pair(v) -> tuple[int, int]:
@@ -73,10 +77,11 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
     """One encoder layer. Pre-norm (x + f(norm(x)), the ViT default, stable when deep) or
-    post-norm (norm(x + f(x)), the original Transformer)."""
+    post-norm (norm(x + f(x)), the original Transformer). `reduce` (model/token_pruning) drops or
+    merges tokens between the attention and the MLP, reading the attention's projections."""
 
     def __init__(self, dim, mlp_dim, attention: Callable[..., nn.Module], norm: Callable[[int], nn.Module],
-                 norm_placement: str, dropout: float, drop_path: float):
+                 norm_placement: str, dropout: float, drop_path: float, reduce: nn.Module | None = None):
         super().__init__()
         self.pre_norm = norm_placement == "pre"
         self.norm1 = norm(dim)
@@ -85,15 +90,22 @@ class Block(nn.Module):
         self.norm2 = norm(dim)
         self.mlp = Mlp(dim, mlp_dim, dropout)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.reduce = reduce
 
-    def forward(self, x):  # (B, N, C) -> (B, N, C)
+    def forward(self, x, size=None):
+        """x (B, N, C) and `size` (B, N), the patches each token stands for once tokens were merged
+        (None: one each) -> the same for the N' <= N tokens that leave the block."""
+        attended, qkv = self.attn(self.norm1(x) if self.pre_norm else x, size=size, return_qkv=True)
+        x = x + self.drop_path1(attended)
+        if not self.pre_norm:
+            x = self.norm1(x)
+        if self.reduce is not None:
+            x, size = self.reduce(x, qkv, size)  # (B, N', C)
         if self.pre_norm:
-            x = x + self.drop_path1(self.attn(self.norm1(x)))
             x = x + self.drop_path2(self.mlp(self.norm2(x)))
         else:
-            x = self.norm1(x + self.drop_path1(self.attn(x)))
             x = self.norm2(x + self.drop_path2(self.mlp(x)))
-        return x
+        return x, size
 
 
 class VisionTransformer(nn.Module):
@@ -119,6 +131,9 @@ class VisionTransformer(nn.Module):
         pos_embed: Callable[..., nn.Module] | None = None,
         head: Callable[..., TaskHead] | None = None,
         aux_heads: dict[str, Callable[..., TaskHead]] | None = None,
+        token_pruning: Callable[..., NoTokenPruning] | None = None,
+        sharing: NoSharing | None = None,
+        prompt: Callable[..., nn.Module] | None = None,
     ):
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -133,14 +148,20 @@ class VisionTransformer(nn.Module):
         attention = attention or MultiHeadAttention
         norm = norm or partial(nn.LayerNorm, eps=1e-6)
         pos_embed = pos_embed or LearnedPositionEmbedding
-        self.pooling, self.num_classes, self.embed_dim = pooling, num_classes, embed_dim
-        self.num_prefix_tokens = 1 if pooling == "cls" else 0
+        self.pooling, self.num_classes, self.embed_dim, self.depth = pooling, num_classes, embed_dim, depth
+        self.num_cls_tokens = 1 if pooling == "cls" else 0
 
         self.patch_embed = PatchEmbed(image_size, patch_size, patch_stride, in_channels, embed_dim)
         self.grid_size = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pooling == "cls" else None
-        self.pos_embed = pos_embed(self.grid_size, self.num_prefix_tokens, embed_dim)
+        self.pos_embed = pos_embed(self.grid_size, self.num_cls_tokens, embed_dim)  # cls and patches
         self.pos_drop = nn.Dropout(dropout)
+        self.prompt = (prompt or NoPrompt)(depth=depth, dim=embed_dim, patch_dim=self.patch_embed.flattened_patch_dim)
+        # the tokens before the patches, global under every attention pattern: [cls, prompts]
+        self.num_prefix_tokens = self.num_cls_tokens + self.prompt.length
+        self.token_pruning = (token_pruning or NoTokenPruning)(
+            depth=depth, num_heads=num_heads, num_prefix_tokens=self.num_prefix_tokens,
+            has_cls_token=pooling == "cls")
         drop_path_rates = torch.linspace(0, drop_path, depth).tolist()  # deeper layers drop more
         self.blocks = nn.ModuleList(
             Block(
@@ -149,9 +170,20 @@ class VisionTransformer(nn.Module):
                                   num_prefix_tokens=self.num_prefix_tokens, layer_idx=i, qkv_bias=qkv_bias,
                                   attn_drop=attention_dropout, proj_drop=dropout),
                 norm=norm, norm_placement=norm_placement, dropout=dropout, drop_path=drop_path_rates[i],
+                reduce=self.token_pruning.reducer(i),
             )
             for i in range(depth)
         )
+        if self.token_pruning.name != "none" and not self.blocks[0].attn.supports_token_reduction:
+            raise ValueError(
+                f"model/token_pruning={self.token_pruning.name} cannot run with {type(self.blocks[0].attn).__name__}: "
+                "its pattern needs the whole patch grid in every layer; use model/attention=full")
+        # weight sharing: the layers reuse modules of earlier blocks; state_dict names them once
+        self.sharing = sharing or NoSharing()
+        self.shared_aliases = tie_blocks(self.blocks, self.sharing)
+        if self.shared_aliases:
+            self.register_state_dict_post_hook(drop_aliases)
+            self.register_load_state_dict_pre_hook(fill_aliases)
         # cls pooling normalizes every token before taking cls; mean pooling normalizes the
         # pooled vector (timm's fc_norm). Either way one module called `norm`.
         self.norm = norm(embed_dim)
@@ -163,6 +195,12 @@ class VisionTransformer(nn.Module):
         else:
             self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.aux_heads = nn.ModuleDict({name: make(**geometry) for name, make in (aux_heads or {}).items()})
+        grid_readers = [name for name, h in [("task head", self.head), *self.aux_heads.items()]
+                        if getattr(h, "reads_patch_grid", False)]
+        if grid_readers and not self.keeps_token_grid:
+            raise ValueError(f"model/token_pruning={self.token_pruning.name} drops or merges patch tokens, but the "
+                             f"{', '.join(grid_readers)} reads them on the patch grid (segmentation, patch labels, "
+                             f"attention maps): use model/token_pruning=none with this task")
         self._init_weights()
 
     def _init_weights(self):
@@ -186,11 +224,14 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+P, D)
         x = self.pos_drop(self.pos_embed(x))
+        x = self.prompt.insert(x, after=self.num_cls_tokens)  # (B, p + P, D): [cls, prompts, patches]
+        size = None  # (B, N) patches per token, once token merging (ToMe) has merged some
         hidden = {}
-        for i, block in enumerate(self.blocks):
-            x = block(x)  # (B, N, D)
-            if i in keep_blocks:
-                hidden[i] = x
+        for layer, block in enumerate(self.blocks):
+            x = self.prompt.at_layer(x, layer, after=self.num_cls_tokens)  # deep prompts: this layer's own
+            x, size = block(x, size)  # (B, N', D)
+            if layer in keep_blocks:
+                hidden[layer] = x
         if self.pooling == "cls":
             x = self.norm(x)
         return (x, hidden) if keep_blocks else x
@@ -229,13 +270,36 @@ class VisionTransformer(nn.Module):
                         hidden={i: hidden[b] for i, b in keep.items()},
                         attention={i: maps[b][0] for i, b in watched.items()})  # (B, nh, N, N) each
 
+    def last_block_name(self) -> str:
+        """The block whose weights the last layer runs (model.trainable=head+norm+last_block); with
+        model/sharing, the earlier block it shares them with."""
+        return f"blocks.{self.sharing.schedule(self.depth)[-1]}"
+
+    @property
+    def keeps_token_grid(self) -> bool:
+        """Whether every layer sees every patch token in place (false once tokens are pruned or merged):
+        what attention maps on the patch grid, rollout and Grad-CAM need."""
+        return self.token_pruning.name == "none"
+
+    def tokens_per_layer(self) -> list[int]:
+        """Tokens entering each layer, then leaving the last (prefix tokens included)."""
+        return self.token_pruning.tokens_per_layer(self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1])
+
     def summary(self) -> str:
         num_params = sum(p.numel() for p in self.parameters())
         gh, gw = self.grid_size
-        return (
+        prefix = f"{self.num_cls_tokens} cls" + (f" + {self.prompt.length} prompt" if self.prompt.length else "")
+        line = (
             f"VisionTransformer: {num_params / 1e6:.2f}M parameters | grid {gh}x{gw} = {gh * gw} patches "
-            f"+ {self.num_prefix_tokens} cls | flattened_patch_dim {self.patch_embed.flattened_patch_dim} | "
+            f"+ {prefix} | flattened_patch_dim {self.patch_embed.flattened_patch_dim} | "
             f"embed_dim {self.embed_dim} | depth {len(self.blocks)} | pooling {self.pooling} | "
             f"attention {type(self.blocks[0].attn).__name__} | norm {type(self.norm).__name__} | "
             f"pos_embed {type(self.pos_embed).__name__}"
         )
+        if self.prompt.length:
+            line += f" | prompt {type(self.prompt).__name__} x{self.prompt.length}"
+        if self.sharing.name != "none":
+            line += f" | sharing {self.sharing.name}: layers run blocks {self.sharing.schedule(self.depth)}"
+        if self.token_pruning.name != "none":
+            line += f" | token_pruning {self.token_pruning.name}: tokens per layer {self.tokens_per_layer()}"
+        return line

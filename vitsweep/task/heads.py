@@ -41,6 +41,8 @@ class PooledLinear(TaskHead):
 
 
 class SegmentationDecoder(TaskHead):
+    reads_patch_grid = True
+
     def __init__(self, dim: int, num_classes: int, grid_size, image_size, decoder: str = "linear",
                  channels: int = 64, **geometry):
         super().__init__()
@@ -68,6 +70,8 @@ class SegmentationDecoder(TaskHead):
 
 
 class PatchHead(TaskHead):
+    reads_patch_grid = True
+
     def __init__(self, dim: int, num_classes: int, **geometry):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -88,6 +92,7 @@ class AttentionMap(TaskHead):
             raise ValueError("task.aux_heads=[attention] reads the cls token's attention: set model.pooling=cls")
         self.block, self.num_prefix_tokens, self.grid_size = block, num_prefix_tokens, tuple(grid_size)
         self.reads_attention = (block,)
+        self.reads_patch_grid = True
 
     def forward(self, features: Features) -> torch.Tensor:
         cls_row = features.attention[self.block][:, :, 0, self.num_prefix_tokens:].mean(dim=1)  # (B, P)
@@ -100,6 +105,7 @@ class MultiHead(TaskHead):
         self.heads = nn.ModuleDict(heads)
         self.reads_blocks = tuple(b for head in heads.values() for b in getattr(head, "reads_blocks", ()))
         self.reads_attention = tuple(b for head in heads.values() for b in getattr(head, "reads_attention", ()))
+        self.reads_patch_grid = any(getattr(head, "reads_patch_grid", False) for head in heads.values())
         # s_i = log sigma_i^2 of each head (Kendall et al. 2018), trained with the model (see multi_task.py)
         self.log_vars = nn.Parameter(torch.zeros(len(heads))) if learn_log_vars else None
 

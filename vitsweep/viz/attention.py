@@ -34,19 +34,22 @@ def collect_attentions(model, images: torch.Tensor) -> tuple[torch.Tensor, list[
 
 
 def patch_attention_maps(attentions: list[torch.Tensor], num_prefix_tokens: int,
-                         grid_size: tuple[int, int]) -> torch.Tensor:
+                         grid_size: tuple[int, int], has_cls_token: bool | None = None) -> torch.Tensor:
     """Per-layer, per-head attention on the patch grid: (B, L, nh, gh, gw).
 
     With a cls token, the map is the cls query's attention over the patches (what the summary token
     reads); without one (mean pooling) every patch feeds the output equally, so the map is the mean
-    over all queries of the attention each patch receives. The cls->cls entry is left out, and each
-    map is renormalized to sum to 1 over the patches.
+    over the patch queries of the attention each patch receives. Prefix entries (cls, prompt tokens)
+    are left out, and each map is renormalized to sum to 1 over the patches. `has_cls_token`
+    (default: any prefix) says whether token 0 is a cls token; prompt tokens are prefix tokens too.
     """
+    p = num_prefix_tokens
+    has_cls_token = p > 0 if has_cls_token is None else has_cls_token
     stacked = torch.stack(attentions, dim=1)  # (B, L, nh, N, N)
-    if num_prefix_tokens > 0:
-        maps = stacked[:, :, :, 0, num_prefix_tokens:]  # (B, L, nh, P): cls query row
+    if has_cls_token:
+        maps = stacked[:, :, :, 0, p:]  # (B, L, nh, P): cls query row
     else:
-        maps = stacked.mean(dim=3)  # (B, L, nh, P): mean over queries
+        maps = stacked[:, :, :, p:, p:].mean(dim=3)  # (B, L, nh, P): mean over patch queries
     maps = maps / maps.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     return maps.reshape(*maps.shape[:3], *grid_size)  # (B, L, nh, gh, gw)
 
@@ -81,12 +84,14 @@ def attention_rollout(attentions: list[torch.Tensor], head_fusion: str = "mean",
     return rollout
 
 
-def rollout_patch_map(rollout: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
+def rollout_patch_map(rollout: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int],
+                      has_cls_token: bool | None = None) -> torch.Tensor:
     """The rollout read on the patch grid, (B, gh, gw), summing to 1: the cls row over the patch
-    columns with a cls token, else the mean of the rows (mean pooling averages every token)."""
-    if num_prefix_tokens > 0:
-        maps = rollout[:, 0, num_prefix_tokens:]  # (B, P)
+    columns with a cls token, else the mean of the patch rows (mean pooling averages the patches)."""
+    p = num_prefix_tokens
+    if (p > 0 if has_cls_token is None else has_cls_token):
+        maps = rollout[:, 0, p:]  # (B, P)
     else:
-        maps = rollout.mean(dim=1)  # (B, P)
+        maps = rollout[:, p:, p:].mean(dim=1)  # (B, P)
     maps = maps / maps.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     return maps.reshape(-1, *grid_size)

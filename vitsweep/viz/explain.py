@@ -72,11 +72,11 @@ def gradcam(model, images, targets, block: int = -1) -> torch.Tensor:
     tap = nn.Identity()
 
     def route_through_grid(module, args):
-        (tokens,) = args  # (B, N, D)
+        tokens, *rest = args  # (B, N, D), then the block's other arguments (token sizes)
         batch, _, dim = tokens.shape
         grid = tokens[:, prefix:].transpose(1, 2).reshape(batch, dim, grid_h, grid_w)  # (B, D, gh, gw)
         patches = tap(grid).flatten(2).transpose(1, 2)  # (B, P, D)
-        return (torch.cat([tokens[:, :prefix], patches], dim=1),)
+        return (torch.cat([tokens[:, :prefix], patches], dim=1), *rest)
 
     handle = model.blocks[block].register_forward_pre_hook(route_through_grid)
     try:
@@ -116,7 +116,8 @@ def lime(model, images, targets, n_samples: int = 128) -> torch.Tensor:
 def rollout(model, images, targets=None) -> torch.Tensor:
     """Attention rollout on the patch grid (B, gh, gw). Class-agnostic: `targets` is ignored."""
     _, attentions = collect_attentions(model, images)
-    return rollout_patch_map(attention_rollout(attentions), model.num_prefix_tokens, model.grid_size)
+    return rollout_patch_map(attention_rollout(attentions), model.num_prefix_tokens, model.grid_size,
+                             model.cls_token is not None)
 
 
 def to_patch_grid(pixel_map: torch.Tensor, model) -> torch.Tensor:
@@ -128,6 +129,9 @@ def to_patch_grid(pixel_map: torch.Tensor, model) -> torch.Tensor:
 
 
 # name -> f(model, images, targets) -> heatmap (B, H, W) in pixels or (B, gh, gw) on the patch grid
+# the methods that read a flat ViT token sequence, every patch token in place in every layer: refused for
+# models without one (model=swin, token pruning), whose `keeps_token_grid` is false
+NEEDS_TOKEN_GRID = ("rollout", "gradcam")
 EXPLAINERS: dict[str, Callable[..., torch.Tensor]] = {
     "saliency": saliency,
     "ig": lambda model, images, targets: integrated_gradients(model, images, targets)[0].sum(dim=1),

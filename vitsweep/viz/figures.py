@@ -149,8 +149,9 @@ def visualize_attention(model, image_tensor: torch.Tensor, label: int | None = N
     logits, attentions = collect_attentions(model, image_tensor[None].to(device))
     depth = len(attentions)
     layer_index = layer % depth
-    head_maps = patch_attention_maps([attentions[layer_index]], model.num_prefix_tokens, model.grid_size)
-    rollout = rollout_patch_map(attention_rollout(attentions), model.num_prefix_tokens, model.grid_size)
+    has_cls = model.cls_token is not None
+    head_maps = patch_attention_maps([attentions[layer_index]], model.num_prefix_tokens, model.grid_size, has_cls)
+    rollout = rollout_patch_map(attention_rollout(attentions), model.num_prefix_tokens, model.grid_size, has_cls)
     title = title if title is not None else prediction_title(logits[0], label, class_names)
     return attention_figure(image_tensor, head_maps[0, 0], rollout[0], title=title,
                             layer_name=f"layer {layer_index + 1}/{depth}", rgb_bands=rgb_bands, mean=mean, std=std)

@@ -4,6 +4,10 @@ to and the attention rollout (`visualize_attention`, one PNG per image), and why
 
 The config group `viz` builds a `FigureReport`; a bad option fails when it is built, before any
 training starts.
+
+Models without a flat ViT token sequence (model=swin; a ViT whose tokens are pruned or merged,
+model/token_pruning) get no per-head attention figures, and refuse the methods that read that
+sequence (rollout, Grad-CAM on the patch grid) with one line; `explain: auto` picks what applies.
 """
 
 from __future__ import annotations
@@ -18,21 +22,40 @@ import torch.nn.functional as F
 
 from vitsweep.data.splits import map_targets
 from vitsweep.viz.attention import collect_attentions, eval_mode
-from vitsweep.viz.explain import EXPLAINERS
+from vitsweep.viz.explain import EXPLAINERS, NEEDS_TOKEN_GRID
 from vitsweep.viz.figures import explanation_figure, heatmaps_figure, save_figure, visualize_attention
 from vitsweep.viz.tasks import sample_title, segmentation_figure
 
-SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# viz.explain=auto: these where the model keeps its token grid, else the methods that need none
+AUTO_EXPLAIN = ("rollout", "ig", "gradcam")
+AUTO_EXPLAIN_WITHOUT_TOKEN_GRID = ("ig",)
+
+
+def keeps_token_grid(model) -> bool:
+    """Whether every layer of `model` sees every patch token in place (a plain ViT)."""
+    return getattr(model, "keeps_token_grid", True)
+
+
+def without_token_grid(model) -> str:
+    """Why `model` has no flat token sequence, for messages."""
+    pruning = getattr(model, "token_pruning", None)
+    if pruning is not None and pruning.name != "none":
+        return f"model/token_pruning={pruning.name} prunes or merges tokens between layers"
+    return f"{type(model).__name__} merges patches between stages (no flat token sequence)"
 
 
 class FigureReport:
     def __init__(self, enabled_at_end: bool = True, num_images: int = 4, split: str = "val",
                  images: Sequence[str] | None = None, layer: int = -1, rgb_bands: Sequence[int] | None = None,
-                 explain: Sequence[str] = ("rollout", "ig", "gradcam")):
-        if isinstance(explain, str):
+                 explain: Sequence[str] | str = "auto"):
+        if explain == "auto":
+            explain = None  # chosen per model: see methods_for
+        elif isinstance(explain, str):
             explain = [explain]
-        unknown = [name for name in explain if name not in EXPLAINERS]
+        unknown = [name for name in explain or [] if name not in EXPLAINERS]
         if unknown:
             raise ValueError(f"viz.explain={list(explain)}: unknown method(s) {', '.join(map(str, unknown))}; "
                              f"pick from {', '.join(EXPLAINERS)} (e.g. viz.explain=[rollout,ig,gradcam])")
@@ -46,16 +69,33 @@ class FigureReport:
         self.image_paths = [str(path) for path in images] if images else None
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise ValueError(f"viz.layer={layer} must be a layer index (e.g. -1 for the last)")  # noqa: TRY004 -- bad input: one line
-        self.layer, self.explain = layer, list(explain)
+        self.layer, self.explain = layer, None if explain is None else list(explain)
         self.rgb_bands = list(rgb_bands) if rgb_bands is not None else None
+
+    def methods_for(self, model) -> list[str]:
+        """The explanation methods drawn for `model`: viz.explain, or for `auto` the default set that
+        applies to it."""
+        if self.explain is not None:
+            return self.explain
+        return list(AUTO_EXPLAIN if keeps_token_grid(model) else AUTO_EXPLAIN_WITHOUT_TOKEN_GRID)
 
     def check(self, model) -> None:
         """Fail now, not after training, when an option does not fit the model: the layer, the
-        bands, image files for a model that takes other than 1 or 3 bands, a missing file."""
-        depth, in_channels = len(model.blocks), model.patch_embed.proj.in_channels
-        if not -depth <= self.layer < depth:
-            raise ValueError(f"viz.layer={self.layer} is out of range for a {depth}-layer model: "
-                             f"pick one in {-depth}..{depth - 1}")
+        methods, the bands, image files for a model that takes other than 1 or 3 bands, a missing file."""
+        in_channels = model.patch_embed.proj.in_channels
+        if keeps_token_grid(model):
+            depth = len(model.blocks)
+            if not -depth <= self.layer < depth:
+                raise ValueError(f"viz.layer={self.layer} is out of range for a {depth}-layer model: "
+                                 f"pick one in {-depth}..{depth - 1}")
+        else:
+            refused = [name for name in self.methods_for(model) if name in NEEDS_TOKEN_GRID]
+            if refused:
+                usable = ", ".join(name for name in EXPLAINERS if name not in NEEDS_TOKEN_GRID)
+                verb = "needs" if len(refused) == 1 else "need"
+                raise ValueError(f"viz.explain={self.explain}: {', '.join(refused)} {verb} every patch token in "
+                                 f"every layer, but {without_token_grid(model)}: pick from {usable}, or "
+                                 f"viz.explain=auto, or viz.enabled_at_end=false")
         if self.rgb_bands is not None and not all(0 <= band < in_channels for band in self.rgb_bands):
             raise ValueError(f"viz.rgb_bands={self.rgb_bands} must be band indices in 0..{in_channels - 1}")
         for path in self.image_paths or []:
@@ -92,13 +132,17 @@ class FigureReport:
         names = list(names) if names is not None else [str(i) for i in range(images.shape[0])]
         style = {"rgb_bands": self.rgb_bands, "mean": mean, "std": std}
         figures = {}
+        if not keeps_token_grid(model):
+            log.info("figures: no per-head attention maps: %s", without_token_grid(model))
+            names = []
         for i, name in enumerate(names):
             label = None if labels is None else int(labels[i])
             figure = visualize_attention(model, images[i], label=label, class_names=class_names, layer=self.layer,
                                          **style)
             figures[f"viz/attention_{i:02d}"] = save_figure(figure, out_dir / f"attention_{i:02d}_{name}.png")
-        if self.explain:
-            figure = explanation_figure(model, images, methods=self.explain, labels=labels, class_names=class_names,
+        methods = self.methods_for(model)
+        if methods:
+            figure = explanation_figure(model, images, methods=methods, labels=labels, class_names=class_names,
                                         **style)
             figures["viz/explanations"] = save_figure(figure, out_dir / "explanations.png")
         return figures
@@ -119,18 +163,25 @@ class FigureReport:
         per image: rollout only); segmentation's masks; the auxiliary attention head's maps."""
         self.check(model)
         style = {"rgb_bands": self.rgb_bands, "mean": mean, "std": std}
-        outputs, _ = collect_attentions(model, images)
+        grid = keeps_token_grid(model)
+        if grid:
+            outputs, _ = collect_attentions(model, images)
+        else:  # pruned or merged tokens: no per-head maps on the patch grid
+            log.info("figures: no per-head attention maps: %s", without_token_grid(model))
+            with eval_mode(model), torch.no_grad():
+                outputs = model(images)
         titles = [sample_title(task, map_targets(lambda t, i=i: t[i], outputs),
                                None if labels is None else map_targets(lambda t, i=i: t[i], labels), class_names)
                   for i in range(images.shape[0])]
         figures = {}
-        for i, name in enumerate(names):
+        for i, name in enumerate(names if grid else []):
             figure = visualize_attention(model, images[i], layer=self.layer, title=titles[i], **style)
             figures[f"viz/attention_{i:02d}"] = save_figure(figure, out_dir / f"attention_{i:02d}_{name}.png")
-        methods = self.explain if task.kind == "regression" else [m for m in self.explain if m == "rollout"]
-        if methods != self.explain:
+        wanted = self.methods_for(model)
+        methods = wanted if task.kind == "regression" else [m for m in wanted if m == "rollout"]
+        if methods != wanted:
             log.info("viz.explain: %s explain one number per image; task=%s has more: drawing rollout only",
-                     ", ".join(m for m in self.explain if m != "rollout"), task.kind)
+                     ", ".join(m for m in wanted if m != "rollout"), task.kind)
         if methods:
             figure = explanation_figure(model, images, methods=methods, targets=[0] * images.shape[0], titles=titles,
                                         **style)
