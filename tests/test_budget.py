@@ -17,6 +17,7 @@ from vitsweep.loss import CrossEntropy
 from vitsweep.model import VisionTransformer
 from vitsweep.optimizer import build_optimizer
 from vitsweep.scheduler import OneCycle, cosine, step
+from vitsweep.task import Classification
 from vitsweep.trainer import Trainer
 from vitsweep.trainer.budget import Budget
 
@@ -89,8 +90,10 @@ def budgeted_fit(tmp_path, name, monkeypatch, step_seconds, eval_seconds: float 
 
     trainer.evaluate = slow_evaluate
     logger = RunLogger(tmp_path / name)
+    task = Classification(loss=CrossEntropy(), num_classes=3)
+    task.setup_task(data, model)
     try:
-        result = trainer.fit(model, data, augment, CrossEntropy(), optimizer, scheduler, logger,
+        result = trainer.fit(model, data, augment, task, optimizer, scheduler, logger,
                              tmp_path / name / "checkpoints", seed=0, checkpoint_extra={}, resume_state=resume_state)
     except Interrupted:
         result = None
