@@ -171,6 +171,15 @@ def test_exit_heads_pool_like_the_final_head_and_count_as_heads():
                                                         linear_probe.early_exit.named_parameters())}
 
 
+def test_a_pretrained_trunk_loads_and_the_exit_heads_start_fresh(tmp_path):
+    plain = VisionTransformer(**SHAPE)
+    torch.save({"model": plain.state_dict(), "config": {}}, tmp_path / "best.pt")
+    model = create_vit(**SHAPE, pretrained=str(tmp_path / "best.pt"), early_exit=partial(ConfidenceExit, blocks=BLOCKS))
+    assert torch.equal(model.blocks[0].attn.qkv.weight, plain.blocks[0].attn.qkv.weight)
+    fresh = {entry.split(" ")[0] for entry in model.load_report.reinitialized}
+    assert fresh == {f"early_exit.{name}" for name in model.early_exit.state_dict()}
+
+
 def test_default_blocks_are_a_third_and_two_thirds_of_the_depth():
     make = partial(ConfidenceExit, dim=8, num_classes=3, pooling="cls", num_prefix_tokens=1)
     assert make(depth=12).blocks == (4, 8) and make(depth=12).layers == [5, 9, 12]
