@@ -8,8 +8,11 @@ whatever the threshold, which only acts at inference. Each threshold is then tim
 alike, together with "no exits": the same trunk and final head without the exit heads (what threshold
 1.0 computes, minus the heads).
 
-    python bench/early_exit.py                 # ~2 min on 2 busy CPU cores
-    python bench/early_exit.py --steps 1000    # better trained exits
+    python bench/early_exit.py --threads 1 --repeats 21    # ~3 min on 1 core of the shared machine
+
+Measured so (1 thread, shared 2-core machine, test acc of the model without exits 0.9750): threshold 1.0
+0.83x its images/s (the exit heads' cost), 0.99 1.88x at mean depth 3.18 (acc +0.0000), 0.9 2.77x at
+depth 2.29 (-0.0028), 0 3.20x at depth 2.00 (-0.0167).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def images_per_s(runs: dict, images: torch.Tensor, repeats: int) -> dict[str, fl
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--repeats", type=int, default=9, help="timed passes over the test digits per variant")
