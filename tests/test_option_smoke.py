@@ -76,6 +76,8 @@ OPTIONS = {
                        "model": {"prompt": {"length": 4}, "trainable": "prompt+head"}},
     "prompt_deep": {"defaults": [{"override /model/prompt": "deep"}],
                     "model": {"depth": 2, "prompt": {"length": 3}, "trainable": "prompt+head"}},
+    "early_exit_confidence": {"defaults": [{"override /model/early_exit": "confidence"}],
+                              "model": {"depth": 2, "early_exit": {"threshold": 0.3}}},  # exit after block 0
     "swin": {"defaults": [{"override /model": "swin"}], "data": {"image_size": 32},
              "model": {"embed_dim": 16, "depths": [2, 2], "num_heads": [2, 4]}},
     # bad input: the job fails with its one-line reason, before any training step
@@ -212,6 +214,15 @@ BLOCK = 2 * 2 * EMBED + (EMBED * 3 * EMBED + 3 * EMBED) + (EMBED * EMBED + EMBED
 HEAD = EMBED * 4 + 4
 
 
+def exit_metrics(jobs, summary):
+    """Layer 1's exit and the final head's (layer 2): shares that add up, the mean depth they give."""
+    metrics = summary["metrics"]
+    for split in ("val", "test"):
+        shares = metrics[f"{split}/exit_share/1"], metrics[f"{split}/exit_share/2"]
+        assert sum(shares) == pytest.approx(1.0) and {f"{split}/exit_acc/1", f"{split}/exit_acc/2"} <= set(metrics)
+        assert metrics[f"{split}/mean_depth"] == pytest.approx(shares[0] + 2 * shares[1])
+
+
 def swin_checkpoint(jobs, summary):
     weights = torch.load(Path(summary["job_dir"]) / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert "layers.1.downsample.reduction.weight" in weights and weights["head.fc.weight"].shape == (4, 32)
@@ -251,6 +262,7 @@ CHECKS = {
     "sharing_cycle": params_vs_defaults(BLOCK),  # 4 layers cycling 2 blocks: one block more than 1 layer
     "prompt_shallow": trainable_params(4 * EMBED + HEAD),  # length x dim + head
     "prompt_deep": trainable_params(3 * EMBED * 2 + HEAD),  # length x dim x depth + head
+    "early_exit_confidence": exit_metrics,
     "swin": swin_checkpoint,
 }
 

@@ -30,12 +30,12 @@ log = logging.getLogger(__name__)
 TIMM_PREFIX = "timm:"
 
 # What each `trainable` setting leaves trainable (parameter-name prefixes; "" matches all).
-TRAINABLE = {
+TRAINABLE = {  # "early_exit.": model/early_exit's exit heads are heads too
     "all": ("",),  # full fine-tuning
-    "head": ("head.",),  # linear probe
-    "head+norm": ("head.", "norm."),  # linear probe plus the final norm (cheap, often much better)
-    "head+norm+last_block": ("head.", "norm.", "{last_block}."),  # also the last encoder layer
-    "prompt+head": ("prompt.", "head."),  # Visual Prompt Tuning: the prompt tokens and the head
+    "head": ("head.", "early_exit."),  # linear probe
+    "head+norm": ("head.", "early_exit.", "norm."),  # linear probe plus the final norm (cheap, often much better)
+    "head+norm+last_block": ("head.", "early_exit.", "norm.", "{last_block}."),  # also the last encoder layer
+    "prompt+head": ("prompt.", "head.", "early_exit."),  # Visual Prompt Tuning: the prompt tokens and the head
 }
 
 # timm ViT keys we know how to map; anything else in a timm state dict is an error, not a silent drop.
@@ -190,6 +190,9 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, strict_shapes: bool = T
 
     for key in [k for k in target if k.startswith("prompt.") and k not in state_dict]:
         report.reinitialized.append(f"{key} (prompt tokens start from their init)")
+
+    for key in [k for k in target if k.startswith("early_exit.") and k not in state_dict]:
+        report.reinitialized.append(f"{key} (exit heads start from their init)")
 
     for key in ("head.weight", "head.bias"):
         if key in target and key not in state_dict:  # a headless (feature-extractor) checkpoint

@@ -2,9 +2,9 @@
 
 Module names follow timm's `VisionTransformer` (patch_embed.proj, cls_token, blocks.i.attn.qkv,
 blocks.i.mlp.fc1, norm, head), so timm weights port with little renaming (see pretrained.py).
-The attention pattern, the norm layer, the position embedding, token pruning, weight sharing and
-prompt tokens are components injected by the config groups model/attention, model/norm,
-model/pos_embed, model/token_pruning, model/sharing and model/prompt.
+The attention pattern, the norm layer, the position embedding, token pruning, weight sharing,
+prompt tokens and early exit are components injected by the config groups model/attention,
+model/norm, model/pos_embed, model/token_pruning, model/sharing, model/prompt and model/early_exit.
 
 The head is timm's `nn.Linear` on the pooled vector unless a task gives a `TaskHead` factory
 (`head=`, plus `aux_heads=` trained alongside it; see heads.py): then the trunk hands the head the
@@ -27,6 +27,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from vitsweep.model.attention import MultiHeadAttention, record_attention
+from vitsweep.model.early_exit import NoEarlyExit
 from vitsweep.model.heads import Features, TaskHead
 from vitsweep.model.pos_embed import LearnedPositionEmbedding
 from vitsweep.model.prompt import NoPrompt
@@ -134,6 +135,7 @@ class VisionTransformer(nn.Module):
         token_pruning: Callable[..., NoTokenPruning] | None = None,
         sharing: NoSharing | None = None,
         prompt: Callable[..., nn.Module] | None = None,
+        early_exit: Callable[..., NoEarlyExit] | None = None,
     ):
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -201,6 +203,13 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"model/token_pruning={self.token_pruning.name} drops or merges patch tokens, but the "
                              f"{', '.join(grid_readers)} reads them on the patch grid (segmentation, patch labels, "
                              f"attention maps): use model/token_pruning=none with this task")
+        # early exit: classifier heads after some blocks; a sample leaves at the first confident one
+        self.early_exit = (early_exit or NoEarlyExit)(depth=depth, dim=embed_dim, num_classes=num_classes,
+                                                      pooling=pooling, num_prefix_tokens=self.num_prefix_tokens)
+        if self.early_exit.name != "none" and (head is not None or self.aux_heads):
+            raise ValueError(f"model/early_exit={self.early_exit.name} exits with class logits of the linear head, "
+                             f"but this run's task gives its own heads (segmentation, multi-task or "
+                             f"task.aux_heads): use model/early_exit=none with it")
         self._init_weights()
 
     def _init_weights(self):
@@ -217,14 +226,17 @@ class VisionTransformer(nn.Module):
         """Parameter names that weight decay should leave alone (besides norms and biases)."""
         return {"cls_token", "pos_embed.weight"}
 
-    def forward_features(self, x, keep_blocks: frozenset[int] = frozenset()):
-        """Tokens (B, N, D) after the last block (normalized with cls pooling); with `keep_blocks`, also
-        {i: block i's output tokens} for those blocks."""
+    def embed_tokens(self, x):  # (B, C, H, W) -> (B, N, D): [cls, prompts, patches], the first block's input
         x = self.patch_embed(x)  # (B, P, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+P, D)
         x = self.pos_drop(self.pos_embed(x))
-        x = self.prompt.insert(x, after=self.num_cls_tokens)  # (B, p + P, D): [cls, prompts, patches]
+        return self.prompt.insert(x, after=self.num_cls_tokens)  # (B, p + P, D): [cls, prompts, patches]
+
+    def forward_features(self, x, keep_blocks: frozenset[int] = frozenset()):
+        """Tokens (B, N, D) after the last block (normalized with cls pooling); with `keep_blocks`, also
+        {i: block i's output tokens} for those blocks."""
+        x = self.embed_tokens(x)
         size = None  # (B, N) patches per token, once token merging (ToMe) has merged some
         hidden = {}
         for layer, block in enumerate(self.blocks):
@@ -245,6 +257,8 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x):  # (B, C, H, W) -> logits (B, num_classes), or what the task's heads return
+        if self.early_exit.name != "none":
+            return self.forward_early_exit(x)
         if not isinstance(self.head, TaskHead) and not (self.aux_heads and self.training):
             return self.forward_head(self.forward_features(x))
         heads = [self.head, *(self.aux_heads.values() if self.training else [])]
@@ -253,6 +267,45 @@ class VisionTransformer(nn.Module):
         if self.aux_heads and self.training:  # auxiliary outputs are for the training loss only
             return {"out": out, **{name: head(features) for name, head in self.aux_heads.items()}}
         return out
+
+    def forward_early_exit(self, x):
+        """model/early_exit (see early_exit.py): in training {"out": final logits (B, K), "early_exits": every
+        exit's (E, B, K)}; at eval each sample's first confident exit's logits (B, K), a sample leaving the
+        batch at its exit, so the blocks after it run on the samples still left only."""
+        exits = self.early_exit
+        # samples drop out as they leave: at eval, unless record_exits wants every exit (or on the meta
+        # device, the FLOP count: no values to decide on, the whole depth, the worst case)
+        drop_out = not self.training and exits.recorder is None and not x.is_meta
+        x, size = self.embed_tokens(x), None
+        running = torch.arange(x.shape[0], device=x.device)  # (R,) the samples still in the blocks
+        out = None  # (B, K) each sample's logits from where it left (drop_out only)
+        exit_logits = []  # (B, K) of each exit (training, recording)
+        for layer, block in enumerate(self.blocks):
+            x = self.prompt.at_layer(x, layer, after=self.num_cls_tokens)
+            x, size = block(x, size)  # (R, N', D)
+            if layer not in exits.blocks:
+                continue
+            logits = exits.head(layer, x)  # (R, K)
+            if not drop_out:
+                exit_logits.append(logits)
+                continue
+            if out is None:
+                out = logits.new_empty(len(running), logits.shape[1])
+            leaving = exits.confidence(logits) > exits.threshold  # (R,)
+            if leaving.any():
+                out[running[leaving]] = logits[leaving]
+                staying = ~leaving
+                running, x = running[staying], x[staying]  # (R', ...)
+                size = None if size is None else size[staying]
+                if len(running) == 0:
+                    return out  # everyone has left: no further block runs
+        if self.pooling == "cls":
+            x = self.norm(x)
+        final_logits = self.forward_head(x)  # (R, K)
+        if drop_out:
+            out[running] = final_logits  # the final head takes whoever is left
+            return out
+        return exits.decide(exit_logits, final_logits)
 
     def features(self, x, heads: list[nn.Module]) -> Features:
         """What `heads` read from the trunk for images x (B, C, H, W): see heads.py."""
@@ -300,6 +353,9 @@ class VisionTransformer(nn.Module):
             line += f" | prompt {type(self.prompt).__name__} x{self.prompt.length}"
         if self.sharing.name != "none":
             line += f" | sharing {self.sharing.name}: layers run blocks {self.sharing.schedule(self.depth)}"
+        if self.early_exit.name != "none":
+            line += (f" | early_exit {self.early_exit.name}: exits after layers {self.early_exit.layers[:-1]}, "
+                     f"threshold {self.early_exit.threshold}")
         if self.token_pruning.name != "none":
             line += f" | token_pruning {self.token_pruning.name}: tokens per layer {self.tokens_per_layer()}"
         return line

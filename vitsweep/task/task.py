@@ -113,6 +113,19 @@ class Task(Objective):
         self.setup(main, class_names, model, data)
         if self.region is not None:
             self.region.fit_to(model)
+        self.check_early_exit(model)
+
+    def check_early_exit(self, model) -> None:
+        """model/early_exit scores class logits at every exit: single-label classification only. Keeps the
+        blocks run at each exit (`exit_layers`, the final head's last) to name the exit metrics, and the
+        weight of each exit's loss (`exit_loss_weight`)."""
+        early_exit = getattr(model, "early_exit", None)
+        self.exit_layers = list(early_exit.layers) if early_exit is not None and early_exit.name != "none" else None
+        self.exit_loss_weight = early_exit.loss_weight if self.exit_layers else 0.0
+        if self.exit_layers and (self.kind != "classification" or getattr(self, "multi_label", False)):
+            raise ValueError(f"model/early_exit={early_exit.name} leaves at a confident class prediction, but this "
+                             f"run is task={self.kind}{' with multi_label=true' if self.kind == 'classification' else ''}:"
+                             f" use model/early_exit=none, or single-label task=classification")
 
     def split_targets(self, targets):
         """(main targets, region masks or None) of a batch."""
@@ -127,6 +140,8 @@ class Task(Objective):
         loss = self.loss(main_output(outputs), main)
         if not isinstance(outputs, dict) or "out" not in outputs:
             return loss
+        for exit_logits in outputs.get("early_exits", ()):  # model/early_exit: (E, B, K), each exit learns the labels
+            loss = loss + self.exit_loss_weight * self.loss(exit_logits, main)
         for name in self.aux_heads:
             weight = self.aux[name]["weight"]
             if name == "deep_supervision":
@@ -141,7 +156,7 @@ class Task(Objective):
         return self.batch_scores(main_output(outputs), self.split_targets(targets)[0])
 
     def task_evaluator(self) -> Evaluator:
-        return MainEvaluator(self.evaluator(), self)
+        return MainEvaluator(self.evaluator(), self, getattr(self, "exit_layers", None))
 
     def is_headline(self, key: str) -> bool:
         """`<split>/<metric>` is a headline; `<split>/<metric>/<class or target>` is not."""
@@ -155,16 +170,42 @@ class Task(Objective):
 
 
 class MainEvaluator(Evaluator):
-    """The objective's evaluator, fed the main targets of each batch."""
+    """The objective's evaluator, fed the main targets of each batch. With model/early_exit (`exit_layers`:
+    blocks run at each exit, the final head's last) the outputs are {"out", "exit_logits", "exit_taken"}
+    (vitsweep.model.early_exit.exit_outputs); `out`, the early-exited predictions, gives the headline
+    metrics, and the exits add `exit_acc/<layer>` (that exit's accuracy on every sample),
+    `exit_share/<layer>` (the share of samples leaving there) and `mean_depth` (blocks run per sample)."""
 
-    def __init__(self, evaluator: Evaluator, task: Task):
-        self.evaluator, self.task = evaluator, task
+    def __init__(self, evaluator: Evaluator, task: Task, exit_layers: list[int] | None = None):
+        self.evaluator, self.task, self.exit_layers = evaluator, task, exit_layers
+        self.exit_logits, self.exit_taken, self.exit_labels = [], [], []
 
     def update(self, outputs, targets) -> None:
-        self.evaluator.update(outputs, self.task.split_targets(targets)[0])
+        main = self.task.split_targets(targets)[0]
+        if isinstance(outputs, dict) and "exit_logits" in outputs:
+            self.exit_logits.append(outputs["exit_logits"].float())  # (B, E+1, K)
+            self.exit_taken.append(outputs["exit_taken"].float())  # (B, E+1)
+            self.exit_labels.append(main)
+            outputs = outputs["out"]
+        self.evaluator.update(outputs, main)
 
     def compute(self, prefix: str) -> dict[str, float]:
-        return self.evaluator.compute(prefix)
+        metrics = self.evaluator.compute(prefix)
+        if self.exit_logits:
+            metrics.update(self.exit_metrics(prefix))
+        return metrics
+
+    def exit_metrics(self, prefix: str) -> dict[str, float]:
+        logits, taken, labels = torch.cat(self.exit_logits), torch.cat(self.exit_taken), torch.cat(self.exit_labels)
+        layers = torch.tensor(self.exit_layers, dtype=torch.float32, device=taken.device)  # (E+1,)
+        labelled = labels >= 0  # missing labels (-1) count in no accuracy
+        correct = (logits.argmax(dim=-1) == labels[:, None])[labelled].float()  # (B', E+1)
+        metrics = {f"{prefix}/mean_depth": (taken @ layers).mean().item()}
+        for e, layer in enumerate(self.exit_layers):
+            metrics[f"{prefix}/exit_share/{layer}"] = taken[:, e].mean().item()
+            if len(correct):
+                metrics[f"{prefix}/exit_acc/{layer}"] = correct[:, e].mean().item()
+        return metrics
 
 
 def attention_loss(attention: torch.Tensor, patch_labels: torch.Tensor) -> torch.Tensor:

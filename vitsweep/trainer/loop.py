@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 
+from vitsweep.model.early_exit import exit_outputs, record_exits
 from vitsweep.task.base import average_views
 from vitsweep.trainer import interrupt
 from vitsweep.trainer.budget import Budget
@@ -143,8 +144,9 @@ class Trainer:
         kept_outputs, kept_targets = [], []  # DDP: this rank's share, gathered below
         for images, targets in data.eval_batches(split, all_views=True, rank=self.ranks.rank,
                                                  world_size=self.ranks.world_size):  # DDP: this rank's share
-            with self.autocast():
+            with self.autocast(), record_exits(model) as exits:  # model/early_exit: run and score every exit
                 outputs = model(data.normalize(images))  # (B * views, ...), views > 1 if eval_crop=tiled
+            outputs = exit_outputs(outputs, exits)  # model/early_exit: {"out", "exit_logits", "exit_taken"}
             outputs = average_views(outputs, data.eval_views)  # each image's views averaged
             if self.ranks.distributed:
                 kept_outputs.append(outputs)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import torch
 
 from vitsweep.model.attention import record_attention
+from vitsweep.model.early_exit import record_exits
 
 
 @contextmanager
@@ -28,7 +29,8 @@ def eval_mode(model: torch.nn.Module):
 def collect_attentions(model, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits (B, num_classes) and the attention probabilities of every layer, each (B, nh, N, N),
     for a batch of images (B, C, H, W), in eval mode."""
-    with eval_mode(model), record_attention(model) as attentions:
+    # record_exits: with model/early_exit a batch would stop at its exits; the maps need every layer
+    with eval_mode(model), record_exits(model), record_attention(model) as attentions:
         logits = model(images)
     return logits, attentions
 

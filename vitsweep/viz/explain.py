@@ -19,6 +19,7 @@ from captum._utils.models.linear_model import SkLearnRidge
 from captum.attr import GradientShap, IntegratedGradients, LayerGradCam, Lime, Saliency
 from torch import nn
 
+from vitsweep.model.early_exit import record_exits
 from vitsweep.viz.attention import attention_rollout, collect_attentions, eval_mode, rollout_patch_map
 
 
@@ -81,8 +82,9 @@ def gradcam(model, images, targets, block: int = -1) -> torch.Tensor:
     handle = model.blocks[block].register_forward_pre_hook(route_through_grid)
     try:
         # inputs that need grad keep the tapped tokens in the graph even when the trunk is frozen
-        cam = LayerGradCam(model, tap).attribute(images.detach().requires_grad_(True), target=targets,
-                                                 relu_attributions=True)  # (B, 1, gh, gw)
+        with record_exits(model):  # model/early_exit: run every block, the tapped one included
+            cam = LayerGradCam(model, tap).attribute(images.detach().requires_grad_(True), target=targets,
+                                                     relu_attributions=True)  # (B, 1, gh, gw)
     finally:
         handle.remove()
     return cam[:, 0].detach()
