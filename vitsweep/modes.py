@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from vitsweep.data.datamodule import trained_normalization
 from vitsweep.job import JobRecord, run_job
 from vitsweep.logger.run_logger import RunLogger
+from vitsweep.model.metadata import reads_metadata
 from vitsweep.ranks import follow, leading
 from vitsweep.trainer.checkpoint import load_checkpoint, restore
 from vitsweep.trainer.distributed import is_follower, rank_zero_first
@@ -29,10 +30,11 @@ from vitsweep.viz import save_figure, split_figures
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: DictConfig, task, from_checkpoint: bool = False) -> torch.nn.Module:
+def build_model(cfg: DictConfig, task, from_checkpoint: bool = False, **data_args) -> torch.nn.Module:
     """The model of cfg.model with the task's head(s). `from_checkpoint`: every weight will come from
-    ckpt_path, so the factory does not load model.pretrained first (for timm:NAME that would be a download)."""
-    args = task.model_args()
+    ckpt_path, so the factory does not load model.pretrained first (for timm:NAME that would be a download).
+    `data_args`: what the model learns from the data (metadata_spec: model/metadata's columns)."""
+    args = {**task.model_args(), **data_args}
     return instantiate(cfg.model, pretrained=None, **args) if from_checkpoint else instantiate(cfg.model, **args)
 
 
@@ -44,12 +46,13 @@ def build_data(cfg: DictConfig, task, **overrides):
 def model_and_data(cfg: DictConfig, task, from_checkpoint: bool = False, data_overrides: dict | None = None):
     """Model and data, in that order when the task knows its head sizes from the config (a bad model
     option then fails before any file is read), else the data first (a multi-task head whose class
-    count is its column's)."""
-    model = build_model(cfg, task, from_checkpoint) if task.heads_known() else None
+    count is its column's; model/metadata, whose encoder is sized by the data's metadata columns)."""
+    metadata = reads_metadata(cfg.model)
+    model = build_model(cfg, task, from_checkpoint) if task.heads_known() and not metadata else None
     data = build_data(cfg, task, **(data_overrides or {}))
     if model is None:
         task.count_classes(data)
-        model = build_model(cfg, task, from_checkpoint)
+        model = build_model(cfg, task, from_checkpoint, **({"metadata_spec": data.metadata_spec()} if metadata else {}))
     return model, data
 
 
@@ -93,7 +96,8 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"].update(data.normalization_stats())  # the mean/std in use (computed if normalization=auto)
     logger.update_summary(num_params=sum(p.numel() for p in model.parameters()),
-                          normalization=data.normalization_stats(), task=task.kind)
+                          normalization=data.normalization_stats(), task=task.kind,
+                          **data.input_summary())  # time series: frames; metadata: columns, missing cells
 
     result = trainer.fit(model, data, augment, task, optimizer, scheduler, logger, job.checkpoint_dir,
                          seed=cfg.seed, resume_state=resume_state,
@@ -134,7 +138,7 @@ def evaluate(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None
     restore(model, cfg.ckpt_path, checkpoint=state)
     task.setup_task(data, model)
     restore_task(task, state)
-    logger.update_summary(normalization=data.normalization_stats(), task=task.kind)
+    logger.update_summary(normalization=data.normalization_stats(), task=task.kind, **data.input_summary())
     trainer = instantiate(cfg.trainer)
     model.to(trainer.device)
     data.to(trainer.device)

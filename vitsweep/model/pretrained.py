@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
 
-# What each `trainable` setting leaves trainable (parameter-name prefixes; "" matches all).
+# What each `trainable` setting leaves trainable (parameter-name prefixes; "" matches all). The time and
+# metadata modules have no pretrained weights to keep: they always train.
+NEW_MODULES = ("temporal.", "metadata.")
 TRAINABLE = {
     "all": ("",),  # full fine-tuning
-    "head": ("head.",),  # linear probe
-    "head+norm": ("head.", "norm."),  # linear probe plus the final norm (cheap, often much better)
-    "head+norm+last_block": ("head.", "norm.", "blocks.{last}."),  # also the last encoder layer
+    "head": ("head.", *NEW_MODULES),  # linear probe
+    "head+norm": ("head.", "norm.", *NEW_MODULES),  # linear probe plus the final norm (cheap, often much better)
+    "head+norm+last_block": ("head.", "norm.", "blocks.{last}.", *NEW_MODULES),  # also the last encoder layer
 }
 
 # timm ViT keys we know how to map; anything else in a timm state dict is an error, not a silent drop.
@@ -147,7 +149,7 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, strict_shapes: bool = T
 
     # prefix (cls) tokens: vitsweep's position embedding covers them, so they move together
     source_prefix = 1 if "cls_token" in state_dict else 0
-    target_prefix = model.num_prefix_tokens
+    target_prefix = 1 if "cls_token" in target else 0  # a metadata token (model/metadata=token) has no position
     if "cls_token" in state_dict and "cls_token" not in target:
         state_dict.pop("cls_token")
         report.dropped.append("cls_token (model uses mean pooling)")
@@ -205,6 +207,10 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, strict_shapes: bool = T
             mismatched.append(f"{key} {tuple(value.shape)} vs model {tuple(target[key].shape)}")
         else:
             adapted[key] = value
+    # the time and metadata modules (model/temporal, model/metadata) start from their own init when image
+    # weights have none for them, as ViViT and TimeSformer start from an image model
+    report.reinitialized += [f"{k} (time or metadata module: its own init)" for k in target
+                             if k.startswith(NEW_MODULES) and k not in state_dict]
     explained = {entry.split(" ")[0] for entry in report.reinitialized}
     missing = [k for k in target if k not in state_dict and k not in explained]
     if strict_shapes and (mismatched or unexpected or missing):

@@ -10,6 +10,13 @@ The head is timm's `nn.Linear` on the pooled vector unless a task gives a `TaskH
 `Features` it asks for, and in training mode with auxiliary heads `forward` returns
 {"out": main output, <aux name>: aux output, ...} (torchvision's segmentation models do the same).
 
+Image time series and metadata (model/temporal, model/metadata): `forward` also takes frames (B, T, C, H, W)
+or an `Inputs` with metadata and dates (vitsweep.data.inputs). Every frame is embedded as an image, the
+frames of a sample consecutive in the batch; the `temporal` component mixes frames (inside the blocks, or
+over the frames' pooled vectors) and the `metadata` component adds a token, modulates the blocks or joins
+the pooled vector (vitsweep.model.clip carries what they need). With the defaults (`none`) and images the
+model is the plain ViT.
+
 The class only builds modules: no file is read here. Pretrained weights and freezing are applied
 afterwards by the factory that the model configs target (`vitsweep.model.factory.create_vit`).
 Attention maps are collected with `vitsweep.model.attention.record_attention`.
@@ -26,8 +33,11 @@ from timm.layers import DropPath
 from torch import nn
 
 from vitsweep.model.attention import MultiHeadAttention, record_attention
+from vitsweep.model.clip import Clip, unpack
 from vitsweep.model.heads import Features, TaskHead
+from vitsweep.model.metadata import MetadataInput
 from vitsweep.model.pos_embed import LearnedPositionEmbedding
+from vitsweep.model.temporal import FrameAverage
 
 
 def _pair(v) -> tuple[int, int]:
@@ -119,6 +129,9 @@ class VisionTransformer(nn.Module):
         pos_embed: Callable[..., nn.Module] | None = None,
         head: Callable[..., TaskHead] | None = None,
         aux_heads: dict[str, Callable[..., TaskHead]] | None = None,
+        temporal: Callable[..., nn.Module] | None = None,
+        metadata: Callable[..., MetadataInput] | None = None,
+        metadata_spec: dict | None = None,
     ):
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -134,12 +147,16 @@ class VisionTransformer(nn.Module):
         norm = norm or partial(nn.LayerNorm, eps=1e-6)
         pos_embed = pos_embed or LearnedPositionEmbedding
         self.pooling, self.num_classes, self.embed_dim = pooling, num_classes, embed_dim
-        self.num_prefix_tokens = 1 if pooling == "cls" else 0
+        # model/metadata (none unless given): built first, since its token counts among the prefix tokens
+        self.metadata = (metadata or partial(MetadataInput, fusion="none"))(dim=embed_dim, depth=depth,
+                                                                            spec=metadata_spec)
+        num_cls = 1 if pooling == "cls" else 0
+        self.num_prefix_tokens = num_cls + self.metadata.num_tokens  # cls, then the metadata token
 
         self.patch_embed = PatchEmbed(image_size, patch_size, patch_stride, in_channels, embed_dim)
         self.grid_size = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pooling == "cls" else None
-        self.pos_embed = pos_embed(self.grid_size, self.num_prefix_tokens, embed_dim)
+        self.pos_embed = pos_embed(self.grid_size, num_cls, embed_dim)  # the metadata token has no position
         self.pos_drop = nn.Dropout(dropout)
         drop_path_rates = torch.linspace(0, drop_path, depth).tolist()  # deeper layers drop more
         self.blocks = nn.ModuleList(
@@ -163,6 +180,10 @@ class VisionTransformer(nn.Module):
         else:
             self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.aux_heads = nn.ModuleDict({name: make(**geometry) for name, make in (aux_heads or {}).items()})
+        # model/temporal (none unless given: frames averaged)
+        self.temporal = (temporal or FrameAverage)(dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                                                   norm=norm, qkv_bias=qkv_bias, dropout=dropout,
+                                                   attention_dropout=attention_dropout)
         self._init_weights()
 
     def _init_weights(self):
@@ -174,21 +195,30 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        self.temporal.init_weights()  # their own, after: TimeSformer's zero temporal projection,
+        self.metadata.init_weights()  # FiLM's zeros, late fusion's identity
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names that weight decay should leave alone (besides norms and biases)."""
-        return {"cls_token", "pos_embed.weight"}
+        """Parameter names that weight decay should leave alone (besides norms and biases): the position and
+        time embeddings and the cls tokens."""
+        return {"cls_token", "pos_embed.weight", "temporal.cls_token", "temporal.time.weight"}
 
-    def forward_features(self, x, keep_blocks: frozenset[int] = frozenset()):
+    def forward_features(self, x, keep_blocks: frozenset[int] = frozenset(), clip: Clip | None = None):
         """Tokens (B, N, D) after the last block (normalized with cls pooling); with `keep_blocks`, also
-        {i: block i's output tokens} for those blocks."""
+        {i: block i's output tokens} for those blocks. With a `clip` (time series, metadata), x holds every
+        frame of every sample, (B * T, C, H, W), and the tokens are per frame (vitsweep.model.clip)."""
+        clip = clip or Clip()  # images: the temporal and metadata steps below change nothing
         x = self.patch_embed(x)  # (B, P, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+P, D)
         x = self.pos_drop(self.pos_embed(x))
+        x = self.temporal.embed(x, clip)  # divided: each frame's time encoding
+        x = self.metadata.prefix(x, clip, after=int(self.cls_token is not None))  # token: (B, N+1, D)
         hidden = {}
         for i, block in enumerate(self.blocks):
+            x = self.temporal.mix(i, x, clip)  # divided: each token attends across its sample's frames
             x = block(x)  # (B, N, D)
+            x = self.metadata.modulate(i, x, clip)  # film
             if i in keep_blocks:
                 hidden[i] = x
         if self.pooling == "cls":
@@ -203,9 +233,22 @@ class VisionTransformer(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x):  # (B, C, H, W) -> logits (B, num_classes), or what the task's heads return
+    def read_inputs(self, x) -> tuple[torch.Tensor, Clip]:
+        """A batch (images, frames, or Inputs) -> (every frame as an image (B * T, C, H, W), its Clip)."""
+        images, inputs = unpack(x)
+        frames = inputs.images.shape[1] if inputs.images.dim() == 5 else 1
+        return images, Clip(frames, inputs.dates, self.metadata.encode(inputs))
+
+    def pool(self, tokens: torch.Tensor, clip: Clip) -> torch.Tensor:
+        """Every frame's tokens (B * T, N, D) -> each sample's vector (B, D): pooled per frame (forward_head),
+        over the frames (model/temporal), then joined with the metadata (model/metadata=late)."""
+        pooled = self.forward_head(tokens, pre_logits=True)  # (B * T, D)
+        return self.metadata.fuse(self.temporal.pool(pooled, clip), clip)  # (B, D)
+
+    def forward(self, x):  # (B, C, H, W) | (B, T, C, H, W) | Inputs -> logits (B, num_classes), or the heads' outputs
         if not isinstance(self.head, TaskHead) and not (self.aux_heads and self.training):
-            return self.forward_head(self.forward_features(x))
+            images, clip = self.read_inputs(x)
+            return self.head(self.pool(self.forward_features(images, clip=clip), clip))
         heads = [self.head, *(self.aux_heads.values() if self.training else [])]
         features = self.features(x, heads)
         out = self.head(features) if isinstance(self.head, TaskHead) else self.head(features.pooled)
@@ -214,20 +257,22 @@ class VisionTransformer(nn.Module):
         return out
 
     def features(self, x, heads: list[nn.Module]) -> Features:
-        """What `heads` read from the trunk for images x (B, C, H, W): see heads.py."""
+        """What `heads` read from the trunk for images x (B, C, H, W): see heads.py. Time series: the pooled
+        vector is the sample's (model/temporal); tokens and attention maps are the mean over its frames."""
         depth = len(self.blocks)
         task_heads = [head for head in heads if isinstance(head, TaskHead)]
         keep = {i: i % depth for head in task_heads for i in head.reads_blocks}
         watched = {i: i % depth for head in task_heads for i in head.reads_attention}
+        images, clip = self.read_inputs(x)
         with contextlib.ExitStack() as stack:
             maps = {b: stack.enter_context(record_attention(self.blocks[b])) for b in set(watched.values())}
-            out = self.forward_features(x, frozenset(keep.values()))
+            out = self.forward_features(images, frozenset(keep.values()), clip)
         tokens, hidden = out if keep else (out, {})
-        return Features(pooled=self.forward_head(tokens, pre_logits=True),
-                        patch_tokens=tokens[:, self.num_prefix_tokens:], grid_size=self.grid_size,
+        return Features(pooled=self.pool(tokens, clip),
+                        patch_tokens=clip.frame_mean(tokens[:, self.num_prefix_tokens:]), grid_size=self.grid_size,
                         image_size=self.patch_embed.image_size, num_prefix_tokens=self.num_prefix_tokens,
-                        hidden={i: hidden[b] for i, b in keep.items()},
-                        attention={i: maps[b][0] for i, b in watched.items()})  # (B, nh, N, N) each
+                        hidden={i: clip.frame_mean(hidden[b]) for i, b in keep.items()},
+                        attention={i: clip.frame_mean(maps[b][0]) for i, b in watched.items()})  # (B, nh, N, N) each
 
     def summary(self) -> str:
         num_params = sum(p.numel() for p in self.parameters())
@@ -237,5 +282,6 @@ class VisionTransformer(nn.Module):
             f"+ {self.num_prefix_tokens} cls | flattened_patch_dim {self.patch_embed.flattened_patch_dim} | "
             f"embed_dim {self.embed_dim} | depth {len(self.blocks)} | pooling {self.pooling} | "
             f"attention {type(self.blocks[0].attn).__name__} | norm {type(self.norm).__name__} | "
-            f"pos_embed {type(self.pos_embed).__name__}"
+            f"pos_embed {type(self.pos_embed).__name__} | temporal {type(self.temporal).__name__} | "
+            f"metadata {self.metadata.fusion}"
         )
