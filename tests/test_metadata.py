@@ -9,6 +9,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from conftest import fit_in_process
 
 from vitsweep.data.csv import load_csv
 from vitsweep.data.datamodule import DataModule
@@ -63,6 +64,31 @@ def test_each_fusion_makes_the_output_depend_on_the_metadata_once_trained_or_at_
         assert not torch.allclose(model(inputs), model(shuffled))
     none = VisionTransformer(**SHAPE).eval()
     assert torch.equal(none(inputs), none(shuffled)) and torch.equal(none(inputs), none(inputs.images))
+
+
+@pytest.mark.slow
+def test_a_label_in_the_metadata_only_is_learned_by_each_fusion_and_not_without():
+    """signal=metadata: the images are noise and a blob at a random place, the label is z(events) + region > 0."""
+    source = load_synthetic_series(image_size=8, frames=1, signal="metadata", num_train=1024, num_val=32,
+                                   num_test=256)
+    data = DataModule(source, image_size=8, in_channels=3, num_classes=2, batch_size=32, eval_batch_size=256)
+    shape = {"image_size": 8, "patch_size": 4, "in_channels": 3, "num_classes": 2, "embed_dim": 16, "depth": 1,
+             "num_heads": 2, "mlp_dim": 32}
+    for fusion in ("none", "token", "film", "late"):
+        torch.manual_seed(0)
+        model = VisionTransformer(**shape, metadata=partial(MetadataInput, fusion=fusion),
+                                  metadata_spec=data.metadata_spec())
+        accuracy = fit_in_process(model, data, epochs=12)
+        if fusion == "none":
+            assert 0.35 < accuracy < 0.65, accuracy  # chance: the images say nothing
+            continue
+        assert accuracy > 0.9, (fusion, accuracy)
+        inputs, _ = next(iter(data.eval_batches("test")))
+        inputs = data.normalize(inputs)
+        shuffled = Inputs(inputs.images, inputs.numeric.roll(1, 0), inputs.categories.roll(1, 0))
+        with torch.no_grad():
+            changed = (model(inputs).argmax(1) != model(shuffled).argmax(1)).float().mean()
+        assert changed > 0.25, (fusion, changed)  # about half: each sample gets its neighbour's label
 
 
 def test_token_is_one_more_prefix_token_without_a_position():
