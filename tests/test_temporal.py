@@ -199,3 +199,21 @@ def test_clip_helpers_move_between_samples_and_frames():
     assert per_frame.shape == (6, 3) and torch.equal(per_frame[:3], values[:1].expand(3, -1))
     assert torch.equal(clip.frame_mean(per_frame), values)
     assert math.isclose(float(clip.by_sample(per_frame).sum()), float(values.sum() * 3))
+
+
+@pytest.mark.parametrize("temporal", list(TEMPORAL))
+def test_attention_over_frames_gives_a_map_per_frame_and_weights_that_sum_to_one(temporal, tmp_path):
+    from vitsweep.viz.figures import save_figure
+    from vitsweep.viz.frames import frame_attention, frames_figure
+
+    torch.manual_seed(0)
+    clip_model = model(temporal)
+    frames = torch.randn(2, 3, 3, 16, 16)
+    outputs, maps, weights = frame_attention(clip_model, frames)
+    torch.testing.assert_close(outputs, clip_model(frames))
+    assert maps.shape == (2, 3, 4, 4) and weights.shape == (2, 3)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(2))
+    if temporal == "none":  # a plain mean of the frames
+        torch.testing.assert_close(weights, torch.full((2, 3), 1 / 3))
+    figure = frames_figure(frames, maps, weights, ["a", "b"])
+    assert save_figure(figure, tmp_path / "frames.png").stat().st_size > 0
