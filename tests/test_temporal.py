@@ -137,7 +137,7 @@ def repeated_frames(batch=6, frames=4):
 def test_every_frame_of_a_sample_gets_the_same_draw(op):
     frames = repeated_frames()
     labels = torch.arange(6) % 3
-    out, targets = Compose(op=op)(frames, labels)
+    out, _ = Compose(op=op)(frames, labels)
     assert out.shape == frames.shape
     for t in range(1, 4):
         assert torch.equal(out[:, t], out[:, 0])
