@@ -201,7 +201,8 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names that weight decay should leave alone (besides norms and biases): the position and
         time embeddings and the cls tokens."""
-        return {"cls_token", "pos_embed.weight", "temporal.cls_token", "temporal.time.weight"}
+        candidates = {"cls_token", "pos_embed.weight", "temporal.cls_token", "temporal.time.weight"}
+        return candidates & {name for name, _ in self.named_parameters()}  # those this model's options have
 
     def forward_features(self, x, keep_blocks: frozenset[int] = frozenset(), clip: Clip | None = None):
         """Tokens (B, N, D) after the last block (normalized with cls pooling); with `keep_blocks`, also
