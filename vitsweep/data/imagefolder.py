@@ -62,8 +62,9 @@ def read_array(path: Path, in_channels: int, channels_last: bool | None) -> torc
             first, last = frame[0] == in_channels, frame[-1] == in_channels
             if first == last:
                 problem = "both ends" if first else "neither end"
-                raise ValueError(f"{path} has shape {tuple(array.shape)}: {problem} of each frame matches "
-                                 f"data.in_channels={in_channels}; set data.in_channels, or data.channels_last=true "
+                frames = " (of each frame)" if array.ndim == 4 else ""
+                raise ValueError(f"{path} has shape {tuple(array.shape)}: {problem} matches data.in_channels="
+                                 f"{in_channels}{frames}; set data.in_channels, or data.channels_last=true "
                                  f"for (H, W, C) / false for (C, H, W)")
             channels_last = last
         if channels_last:
