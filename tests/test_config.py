@@ -20,6 +20,9 @@ REQUIRED = {
                              "data.in_channels=3", "data.num_classes=4"],
     ("model", "vit"): ["model.patch_size=4", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
                        "model.mlp_dim=64"],
+    # model/metadata sizes its encoder by the data's columns (modes.py passes DataModule.metadata_spec())
+    **{("model/metadata", fusion): [("+model.metadata_spec={numeric: [events], mean: [500.0], std: [100.0], "
+                                     "categorical: {region: 4}}")] for fusion in ("token", "film", "late")},
 }
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from vitsweep.data.datamodule import trained_normalization
 from vitsweep.job import JobRecord, run_job
 from vitsweep.logger.run_logger import RunLogger
+from vitsweep.model.metadata import reads_metadata
 from vitsweep.ranks import follow, leading
 from vitsweep.trainer import interrupt
 from vitsweep.trainer.checkpoint import carry_best_forward, load_checkpoint, restore
@@ -48,7 +49,10 @@ def check_input_size(cfg: DictConfig) -> None:
 def check_forward(model: torch.nn.Module, cfg: DictConfig) -> None:
     """One training-mode forward pass of a copy of the model on two blank images of the configured shape:
     values its constructors accept but its forward rejects (model.dropout=2, model.norm.eps=bogus) fail
-    here, in one line, before any data is read. The copy and a forked RNG leave the run as it was."""
+    here, in one line, before any data is read. The copy and a forked RNG leave the run as it was. A model
+    that reads metadata columns is built after the data (model_and_data) and checked by its first step."""
+    if reads_metadata(cfg.model):
+        return
     images = torch.zeros(2, cfg.model.in_channels, *as_pair(cfg.model.image_size))  # (B, C, H, W)
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -59,11 +63,12 @@ def check_forward(model: torch.nn.Module, cfg: DictConfig) -> None:
                          f"check the model.* values for a wrong type or range") from None
 
 
-def build_model(cfg: DictConfig, task, from_checkpoint: bool = False) -> torch.nn.Module:
+def build_model(cfg: DictConfig, task, from_checkpoint: bool = False, **data_args) -> torch.nn.Module:
     """The model of cfg.model with the task's head(s). `from_checkpoint`: every weight will come from
-    ckpt_path, so the factory does not load model.pretrained first (for timm:NAME that would be a download)."""
+    ckpt_path, so the factory does not load model.pretrained first (for timm:NAME that would be a download).
+    `data_args`: what the model learns from the data (metadata_spec: model/metadata's columns)."""
     check_input_size(cfg)  # a mismatch would fail in the first forward pass, after the data is read
-    args = task.model_args()
+    args = {**task.model_args(), **data_args}
     model = instantiate(cfg.model, pretrained=None, **args) if from_checkpoint else instantiate(cfg.model, **args)
     check_forward(model, cfg)
     return model
@@ -77,12 +82,13 @@ def build_data(cfg: DictConfig, task, **overrides):
 def model_and_data(cfg: DictConfig, task, from_checkpoint: bool = False, data_overrides: dict | None = None):
     """Model and data, in that order when the task knows its head sizes from the config (a bad model
     option then fails before any file is read), else the data first (a multi-task head whose class
-    count is its column's)."""
-    model = build_model(cfg, task, from_checkpoint) if task.heads_known() else None
+    count is its column's; model/metadata, whose encoder is sized by the data's metadata columns)."""
+    metadata = reads_metadata(cfg.model)
+    model = build_model(cfg, task, from_checkpoint) if task.heads_known() and not metadata else None
     data = build_data(cfg, task, **(data_overrides or {}))
     if model is None:
         task.count_classes(data)
-        model = build_model(cfg, task, from_checkpoint)
+        model = build_model(cfg, task, from_checkpoint, **({"metadata_spec": data.metadata_spec()} if metadata else {}))
     return model, data
 
 
@@ -142,6 +148,7 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     # research controls: what trains (prompt tuning, freezing) and the tokens each layer sees (pruning)
     logger.update_summary(num_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                           tokens_per_layer=model.tokens_per_layer() if hasattr(model, "tokens_per_layer") else None)
+    logger.update_summary(**data.input_summary())  # time series: frames; metadata: columns, missing cells
 
     with interrupt.at_step_boundaries():  # a signal stops training after the running step, with last.pt saved
         result = trainer.fit(model, data, augment, task, optimizer, scheduler, logger, job.checkpoint_dir,
@@ -190,7 +197,8 @@ def evaluate(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None
     restore(model, cfg.ckpt_path, checkpoint=state)
     task.setup_task(data, model)
     restore_task(task, state)
-    logger.update_summary(normalization=data.normalization_stats(), task=task.kind, **skipped_files(data))
+    logger.update_summary(normalization=data.normalization_stats(), task=task.kind, **skipped_files(data),
+                          **data.input_summary())
     trainer = instantiate(cfg.trainer)
     model.to(trainer.device)
     data.to(trainer.device)

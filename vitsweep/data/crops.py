@@ -10,17 +10,20 @@ from vitsweep.data.splits import Targets, map_masks
 
 
 def crop_windows(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut a size x size window at (top[i], left[i]) out of image i (B, C, H, W)."""
+    """Cut a size x size window at (top[i], left[i]) out of image i (B, C, H, W), or out of every frame of
+    sample i (B, T, C, H, W): the frames of a time series share their sample's window."""
     B = images.shape[0]
+    planes = images.reshape(B, -1, *images.shape[-2:])  # (B, C, H, W); frames: (B, T * C, H, W)
     rows = (top[:, None] + torch.arange(size, device=images.device))[:, :, None]  # (B, size, 1)
     cols = (left[:, None] + torch.arange(size, device=images.device))[:, None, :]  # (B, 1, size)
     batch = torch.arange(B, device=images.device)[:, None, None]
-    return images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, size, size, C) -> (B, C, ..)
+    windows = planes.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, size, size, C) -> (B, C, ..)
+    return windows.reshape(*images.shape[:-2], size, size)
 
 
 def crop_offsets(images: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top, left) of a random size x size window per image (B, C, H, W), H and W >= size."""
-    B, _, H, W = images.shape
+    """(top, left) of a random size x size window per sample (B, ..., H, W), H and W >= size."""
+    B, H, W = images.shape[0], *images.shape[-2:]
     top = torch.randint(0, H - size + 1, (B,), device=images.device)
     left = torch.randint(0, W - size + 1, (B,), device=images.device)
     return top, left

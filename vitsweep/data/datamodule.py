@@ -18,6 +18,11 @@ The input data strategy (docs/parameters.md, "Input Data Strategy") lives here:
   their images (vitsweep.data.splits.is_mask).
 - resize_to: every batch (after cropping, before augmentation) is resized on the device to this side,
   e.g. 32 px CIFAR-10 to the 224 px a pretrained ViT-S/16 expects; the stored images stay small.
+
+Time series and metadata (vitsweep.data.inputs): samples of T frames are batched (B, T, C, H, W), every
+frame of a sample cut at its sample's crop window; samples that carry metadata or dates come as an
+`Inputs` holding them beside the images. `metadata_spec` gives the model the metadata columns and their
+training statistics; `input_summary` what the run's summary records (frames, missing metadata cells).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from vitsweep.data.crops import random_crops
+from vitsweep.data.inputs import Batch, Inputs
 from vitsweep.data.splits import Split, Splits, Targets, map_masks, map_targets
 
 NORMALIZATIONS = ("fixed", "auto")
@@ -45,7 +51,9 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of to_float(images) (N, C, H, W) over every pixel, in float64 chunks."""
+    """Per-channel mean and std of to_float(images) (N, C, H, W) over every pixel (of every frame, for
+    time series (N, T, C, H, W)), in float64 chunks."""
+    images = images.flatten(0, 1) if images.dim() == 5 else images  # frames are images alike
     total = torch.zeros(images.shape[1], dtype=torch.float64)
     total_sq = torch.zeros_like(total)
     for start in range(0, len(images), chunk):
@@ -104,9 +112,9 @@ class DataModule:
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         train = self.splits.train
-        if train.images.shape[1] != in_channels:
-            raise ValueError(f"data.in_channels={in_channels} but the images have {train.images.shape[1]} channels: "
-                             f"set data.in_channels={train.images.shape[1]}")
+        if train.images.shape[-3] != in_channels:  # (N, C, H, W), or (N, T, C, H, W) for time series
+            raise ValueError(f"data.in_channels={in_channels} but the images have {train.images.shape[-3]} channels: "
+                             f"set data.in_channels={train.images.shape[-3]}")
         if tuple(train.images.shape[-2:]) != (image_size, image_size):
             raise ValueError(f"data.image_size={image_size} but the images are {tuple(train.images.shape[-2:])}: "
                              f"set data.image_size to match")
@@ -140,6 +148,7 @@ class DataModule:
             raise ValueError(f"data.normalization={normalization} is not one of: {', '.join(NORMALIZATIONS)}")
         if normalization == "auto":  # from the stored training images: after decode, before augmentation
             mean, std = channel_stats(train.images)
+        # (1, C, 1, 1) broadcasts over images (B, C, H, W) and frames (B, T, C, H, W) alike
         self.mean = torch.tensor(mean if mean is not None else [0.5] * in_channels).view(1, -1, 1, 1)
         self.std = torch.tensor(std if std is not None else [0.5] * in_channels).view(1, -1, 1, 1)
         if self.mean.numel() != in_channels or self.std.numel() != in_channels:
@@ -181,11 +190,8 @@ class DataModule:
     def to(self, device: torch.device) -> DataModule:
         """Move every split to the device once (CIFAR-10 as uint8 is 180 MB)."""
         self.device = torch.device(device)
-        for name in ("train", "val", "test"):
-            split = getattr(self.splits, name)
-            metadata = split.metadata.to(self.device) if split.metadata is not None else None
-            labels = map_targets(lambda t: t.to(self.device), split.labels)
-            setattr(self.splits, name, Split(split.images.to(self.device), labels, metadata))
+        for name in ("train", "val", "test"):  # images, labels, metadata, categories, dates
+            setattr(self.splits, name, getattr(self.splits, name).map_rows(lambda t: t.to(self.device)))
         self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
         return self
 
@@ -198,22 +204,73 @@ class DataModule:
     def resize(self, images: torch.Tensor, targets: Targets):
         """Float batch (B, C, h, w) -> (B, C, resize_to, resize_to), bicubic (antialiased when shrinking), and
         the masks among the targets by nearest neighbour; unchanged when resize_to is null. Runs on the
-        device, batched: 32 px CIFAR to 224 px for a ViT-S/16."""
+        device, batched: 32 px CIFAR to 224 px for a ViT-S/16. Frames (B, T, C, h, w) likewise."""
         if self.resize_to is None or tuple(images.shape[-2:]) == (self.resize_to, self.resize_to):
             return images, targets
         size = (self.resize_to, self.resize_to)
         targets = map_masks(lambda m: F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0].to(m.dtype),
                             targets, images)
         shrinking = self.resize_to < max(images.shape[-2:])
-        return F.interpolate(images, size=size, mode="bicubic", align_corners=False,
-                             antialias=shrinking), targets  # not clamped: float arrays (reflectances) keep their range
+        planes = images.flatten(1, 2) if images.dim() == 5 else images  # frames: (B, T * C, h, w)
+        resized = F.interpolate(planes, size=size, mode="bicubic", align_corners=False,
+                                antialias=shrinking)  # not clamped: float arrays (reflectances) keep their range
+        return resized.view(*images.shape[:-2], *size), targets
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std
+    def normalize(self, batch: Batch) -> Batch:
+        """(x - mean) / std per channel, of images, frames, or an Inputs' images (its metadata is the model's
+        to standardize)."""
+        if isinstance(batch, Inputs):
+            return batch.with_images(self.normalize(batch.images))
+        return (batch - self.mean) / self.std
 
     def normalization_stats(self) -> dict[str, list[float]]:
         """The per-channel mean and std in use (the computed ones with normalization=auto)."""
         return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+    def model_inputs(self, split: Split, images: torch.Tensor, index, views: int = 1) -> Batch:
+        """What the model reads for the samples `index` of `split`, whose images (each `views` times) are
+        `images`: the images alone, or an Inputs with their metadata, categories and dates."""
+        if split.metadata is None and split.categories is None and split.dates is None:
+            return images
+        inputs = Inputs(images, split.metadata, split.categories, split.dates).map_extras(lambda t: t[index])
+        return inputs.map_extras(lambda t: t.repeat_interleave(views, dim=0)) if views > 1 else inputs
+
+    def metadata_spec(self) -> dict:
+        """The metadata the model reads (vitsweep.model.metadata): numeric column names with the training
+        split's mean and std (over the cells present), and each categorical column's number of values."""
+        train = self.splits.train
+        spec = {"numeric": list(self.splits.metadata_columns), "mean": [], "std": [],
+                "categorical": {name: len(values) for name, values in self.splits.category_values.items()}}
+        if train.metadata is not None:
+            values = train.metadata.double().cpu()
+            present = ~values.isnan()
+            count = present.sum(dim=0).clamp_min(1)
+            mean = torch.where(present, values, 0).sum(dim=0) / count
+            var = torch.where(present, values - mean, 0).square().sum(dim=0) / (count - 1).clamp_min(1)
+            spec["mean"], spec["std"] = mean.tolist(), var.sqrt().clamp_min(1e-6).tolist()  # a constant column: finite
+            if not spec["numeric"]:  # a loader that names no columns
+                spec["numeric"] = [f"metadata_{j}" for j in range(values.shape[1])]
+        return spec
+
+    def input_summary(self) -> dict:
+        """For summary.json: frames per sample and dates (time series), the metadata columns and how many of
+        their cells are missing, per split and column; {} for image datasets without metadata."""
+        summary = {}
+        train = self.splits.train
+        if train.frames is not None:
+            summary["frames"] = train.frames
+            summary["dates"] = train.dates is not None
+        if train.metadata is not None or train.categories is not None:
+            names = self.metadata_spec()["numeric"] + list(self.splits.category_values)
+            missing = {}
+            for split_name in ("train", "val", "test"):
+                split = self.split(split_name)
+                counts = ([] if split.metadata is None else split.metadata.isnan().sum(dim=0).tolist()) + \
+                         ([] if split.categories is None else (split.categories < 0).sum(dim=0).tolist())
+                missing[split_name] = dict(zip(names, counts))
+            summary["metadata"] = {"columns": names, "missing": missing,
+                                   "missing_cells": sum(sum(counts.values()) for counts in missing.values())}
+        return summary
 
     def steps_per_epoch(self) -> int:
         return len(self.splits.train) // self.batch_size  # drop_last, so every step has a full batch
@@ -240,7 +297,8 @@ class DataModule:
             images, targets = train.images[index], map_targets(lambda t, index=index: t[index], train.labels)
             if self.crop_size < self.image_size:  # on the stored dtype: fewer bytes to move
                 images, targets = random_crops(images, self.crop_size, targets)
-            yield self.resize(self.to_float(images), targets)
+            images, targets = self.resize(self.to_float(images), targets)
+            yield self.model_inputs(train, images, index), targets  # with their metadata and dates, if any
 
     def eval_windows(self, images: torch.Tensor, offsets: list[int]) -> torch.Tensor:
         """(B, C, S, S) -> (B * len(offsets)**2, C, crop, crop): each image's windows, consecutive
@@ -266,4 +324,5 @@ class DataModule:
             stored = data.images[start:start + per_batch]
             targets = map_targets(lambda t, start=start: t[start:start + per_batch], data.labels)
             targets = map_masks(lambda m: self.eval_windows(m[:, None], [self.center_offset])[:, 0], targets, stored)
-            yield self.resize(self.to_float(self.eval_windows(stored, offsets)), targets)
+            images, targets = self.resize(self.to_float(self.eval_windows(stored, offsets)), targets)
+            yield self.model_inputs(data, images, slice(start, start + per_batch), views=len(offsets) ** 2), targets

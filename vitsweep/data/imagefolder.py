@@ -10,7 +10,9 @@ data=csv decodes and caches its files through the same functions.
 
 Array axes: a 2-D array is one band (H, W). A 3-D array is (H, W, C) with data.channels_last=true or
 (C, H, W) with false; null detects the channel axis as the end whose length is data.in_channels, and
-asks for the setting when both ends match (e.g. (3, 32, 3)).
+asks for the setting when both ends match (e.g. (3, 32, 3)). A 4-D array is a time series of T frames,
+(T, H, W, C) or (T, C, H, W) by the same rule: the sample becomes (T, C, H, W), and a dataset of them
+(N, T, C, H, W) (every sample with the same T).
 """
 
 from __future__ import annotations
@@ -56,23 +58,26 @@ def list_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[Pat
 
 
 def read_array(path: Path, in_channels: int, channels_last: bool | None) -> torch.Tensor:
-    """An .npy / .tif array -> (C, H, W) tensor of its own dtype."""
+    """An .npy / .tif array -> (C, H, W) tensor of its own dtype; a 4-D one (a time series) -> (T, C, H, W)."""
     array = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else tifffile.imread(path)
     if array.ndim == 2:
         array = array[None]  # one band
-    elif array.ndim == 3:
+    elif array.ndim in (3, 4):
+        frame = array.shape[-3:]  # one image; a 4-D array is frames of them along its first axis
         if channels_last is None:
-            first, last = array.shape[0] == in_channels, array.shape[-1] == in_channels
+            first, last = frame[0] == in_channels, frame[-1] == in_channels
             if first == last:
                 problem = "both ends" if first else "neither end"
+                frames = " (of each frame)" if array.ndim == 4 else ""
                 raise ValueError(f"{path} has shape {tuple(array.shape)}: {problem} matches data.in_channels="
-                                 f"{in_channels}; set data.in_channels, or data.channels_last=true for (H, W, C) "
-                                 f"/ false for (C, H, W)")
+                                 f"{in_channels}{frames}; set data.in_channels, or data.channels_last=true "
+                                 f"for (H, W, C) / false for (C, H, W)")
             channels_last = last
         if channels_last:
-            array = array.transpose(2, 0, 1)
+            array = np.moveaxis(array, -1, -3)
     else:
-        raise ValueError(f"{path} has shape {tuple(array.shape)}: arrays must be (H, W), (H, W, C) or (C, H, W)")
+        raise ValueError(f"{path} has shape {tuple(array.shape)}: arrays must be (H, W), (H, W, C) or (C, H, W), "
+                         f"or (T, H, W, C) / (T, C, H, W) for a time series")
     if array.dtype == np.float64:
         array = array.astype(np.float32)  # the model computes in float32 at most
     elif array.dtype == np.bool_:
@@ -152,8 +157,8 @@ def read_image(path: Path, image_size: int, in_channels: int, channels_last: boo
                                f"or set data.on_bad_file=skip to leave unreadable files out") from None
     else:
         image = read_photo(path, in_channels)
-    if image.shape[0] != in_channels:
-        raise ValueError(f"data.in_channels={in_channels} but {path} has {image.shape[0]} channels: set data.in_channels")
+    if image.shape[-3] != in_channels:
+        raise ValueError(f"data.in_channels={in_channels} but {path} has {image.shape[-3]} channels: set data.in_channels")
     if image.shape[-2:] != (image_size, image_size):
         image = TF.resize(image, [image_size, image_size], antialias=True)  # keeps the dtype, uint16 included
     return image
@@ -232,6 +237,11 @@ def decode_all(paths: list[Path], image_size: int, in_channels: int, channels_la
     progress.close(skipped=len(skipped))
     if not images:
         raise ValueError(f"none of the {len(paths)} files of {what} could be read: see the lines above")
+    shapes = {tuple(image.shape[:-3]): path for image, path in zip(images, kept_paths)}
+    if len(shapes) > 1:  # time series (4-D arrays) of different lengths, or mixed with images
+        (first, a), (second, b) = list(shapes.items())[:2]
+        raise ValueError(f"{a} has {first[0] if first else 1} frame(s) but {b} has {second[0] if second else 1}: "
+                         f"every sample of a dataset needs the same number of frames")
     return torch.stack(common_dtype(images, kept_paths)), skipped
 
 

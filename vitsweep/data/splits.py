@@ -8,6 +8,10 @@ multi-task run, first axis the sample:
     (N, T) float        continuous targets (regression); NaN where a value is missing
     (N, H, W) uint8     class index per pixel (segmentation masks); 255 = ignore
     {"riot": (N,), "crowd": (N, 1)}   one entry per head (task=multi_task)
+
+Images are (N, C, H, W), or (N, T, C, H, W) for time series (T frames per sample, oldest first). Besides
+its images and labels a sample may carry metadata (numeric and categorical columns) and the date of each
+frame; the DataModule serves them to the model with the images (vitsweep.data.inputs).
 """
 
 from __future__ import annotations
@@ -56,16 +60,30 @@ def check_class_labels_only(source: str, targets: dict | None) -> None:
 
 @dataclass
 class Split:
-    images: torch.Tensor  # (N, C, H, W), uint8 for photos; float32/uint16 for multispectral arrays
+    images: torch.Tensor  # (N, C, H, W) or (N, T, C, H, W), uint8 for photos; float32/uint16 for multispectral arrays
     labels: Targets  # see the module docstring
-    metadata: torch.Tensor | None = None  # (N, M) float32 extra numeric inputs per sample (data=csv), or None
+    metadata: torch.Tensor | None = None  # (N, M) float32 numeric metadata per sample (NaN: missing), or None
+    categories: torch.Tensor | None = None  # (N, K) int64 categorical metadata, value indices (-1: missing)
+    dates: torch.Tensor | None = None  # (N, T) float32 days since 1970-01-01 of each frame (NaN: unknown)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def frames(self) -> int | None:
+        """T for a time series (N, T, C, H, W); None for images."""
+        return self.images.shape[1] if self.images.dim() == 5 else None
+
     def subset(self, index: torch.Tensor) -> Split:
-        metadata = None if self.metadata is None else self.metadata[index]
-        return Split(self.images[index], map_targets(lambda t: t[index], self.labels), metadata)
+        return self.map_rows(lambda t: t[index])
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Split:
+        """fn applied to every per-sample tensor (images, labels, metadata, categories, dates)."""
+        def apply(t):
+            return None if t is None else fn(t)
+
+        return Split(fn(self.images), map_targets(fn, self.labels), apply(self.metadata), apply(self.categories),
+                     apply(self.dates))
 
 
 @dataclass
@@ -75,6 +93,8 @@ class Splits:
     test: Split
     class_names: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)  # unreadable files left out (data.on_bad_file=skip)
+    metadata_columns: list[str] = field(default_factory=list)  # the names of Split.metadata's columns
+    category_values: dict[str, list[str]] = field(default_factory=dict)  # per categorical column, index -> value
 
 
 def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:

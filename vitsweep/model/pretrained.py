@@ -29,13 +29,16 @@ log = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
 
-# What each `trainable` setting leaves trainable (parameter-name prefixes; "" matches all).
-TRAINABLE = {  # "early_exit.": model/early_exit's exit heads are heads too
+# What each `trainable` setting leaves trainable (parameter-name prefixes; "" matches all). Exit heads
+# (model/early_exit) are heads too; the time and metadata modules have no pretrained weights to keep:
+# they always train.
+NEW_MODULES = ("early_exit.", "temporal.", "metadata.")
+TRAINABLE = {
     "all": ("",),  # full fine-tuning
-    "head": ("head.", "early_exit."),  # linear probe
-    "head+norm": ("head.", "early_exit.", "norm."),  # linear probe plus the final norm (cheap, often much better)
-    "head+norm+last_block": ("head.", "early_exit.", "norm.", "{last_block}."),  # also the last encoder layer
-    "prompt+head": ("prompt.", "head.", "early_exit."),  # Visual Prompt Tuning: the prompt tokens and the head
+    "head": ("head.", *NEW_MODULES),  # linear probe
+    "head+norm": ("head.", "norm.", *NEW_MODULES),  # linear probe plus the final norm (cheap, often much better)
+    "head+norm+last_block": ("head.", "norm.", "{last_block}.", *NEW_MODULES),  # also the last encoder layer
+    "prompt+head": ("prompt.", "head.", *NEW_MODULES),  # Visual Prompt Tuning: the prompt tokens and the head
 }
 
 # timm ViT keys we know how to map; anything else in a timm state dict is an error, not a silent drop.
@@ -149,7 +152,7 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, strict_shapes: bool = T
     # prefix (cls) tokens: vitsweep's position embedding covers them, so they move together
     # (prompt tokens are prefix tokens too, but have no position embedding)
     source_prefix = 1 if "cls_token" in state_dict else 0
-    target_prefix = 1 if "cls_token" in target else 0
+    target_prefix = 1 if "cls_token" in target else 0  # prompt and metadata tokens have no position
     if "cls_token" in state_dict and "cls_token" not in target:
         state_dict.pop("cls_token")
         report.dropped.append("cls_token (model uses mean pooling)")
@@ -213,6 +216,10 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, strict_shapes: bool = T
             mismatched.append(f"{key} {tuple(value.shape)} vs model {tuple(target[key].shape)}")
         else:
             adapted[key] = value
+    # the time and metadata modules (model/temporal, model/metadata) start from their own init when image
+    # weights have none for them, as ViViT and TimeSformer start from an image model
+    report.reinitialized += [f"{k} (time or metadata module: its own init)" for k in target
+                             if k.startswith(NEW_MODULES) and k not in state_dict]
     explained = {entry.split(" ")[0] for entry in report.reinitialized}
     missing = [k for k in target if k not in state_dict and k not in explained]
     if strict_shapes and (mismatched or unexpected or missing):

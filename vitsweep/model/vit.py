@@ -11,6 +11,13 @@ The head is timm's `nn.Linear` on the pooled vector unless a task gives a `TaskH
 `Features` it asks for, and in training mode with auxiliary heads `forward` returns
 {"out": main output, <aux name>: aux output, ...} (torchvision's segmentation models do the same).
 
+Image time series and metadata (model/temporal, model/metadata): `forward` also takes frames (B, T, C, H, W)
+or an `Inputs` with metadata and dates (vitsweep.data.inputs). Every frame is embedded as an image, the
+frames of a sample consecutive in the batch; the `temporal` component mixes frames (inside the blocks, or
+over the frames' pooled vectors) and the `metadata` component adds a token, modulates the blocks or joins
+the pooled vector (vitsweep.model.clip carries what they need). With the defaults (`none`) and images the
+model is the plain ViT.
+
 The class only builds modules: no file is read here. Pretrained weights and freezing are applied
 afterwards by the factory that the model configs target (`vitsweep.model.factory.create_vit`).
 Attention maps are collected with `vitsweep.model.attention.record_attention`.
@@ -28,11 +35,14 @@ from torch import nn
 
 from vitsweep.model.attention import MultiHeadAttention, record_attention
 from vitsweep.model.early_exit import NoEarlyExit
+from vitsweep.model.clip import Clip, unpack
 from vitsweep.model.heads import Features, TaskHead
+from vitsweep.model.metadata import MetadataInput
 from vitsweep.model.pos_embed import LearnedPositionEmbedding
 from vitsweep.model.prompt import NoPrompt
 from vitsweep.model.sharing import NoSharing, drop_aliases, fill_aliases, tie_blocks
 from vitsweep.model.token_pruning import NoTokenPruning
+from vitsweep.model.temporal import DividedSpaceTime, FrameAverage
 
 
 def _pair(v) -> tuple[int, int]:
@@ -136,6 +146,9 @@ class VisionTransformer(nn.Module):
         sharing: NoSharing | None = None,
         prompt: Callable[..., nn.Module] | None = None,
         early_exit: Callable[..., NoEarlyExit] | None = None,
+        temporal: Callable[..., nn.Module] | None = None,
+        metadata: Callable[..., MetadataInput] | None = None,
+        metadata_spec: dict | None = None,
     ):
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -152,6 +165,9 @@ class VisionTransformer(nn.Module):
         pos_embed = pos_embed or LearnedPositionEmbedding
         self.pooling, self.num_classes, self.embed_dim, self.depth = pooling, num_classes, embed_dim, depth
         self.num_cls_tokens = 1 if pooling == "cls" else 0
+        # model/metadata (none unless given): built first, since its token counts among the prefix tokens
+        self.metadata = (metadata or partial(MetadataInput, fusion="none"))(dim=embed_dim, depth=depth,
+                                                                            spec=metadata_spec)
 
         self.patch_embed = PatchEmbed(image_size, patch_size, patch_stride, in_channels, embed_dim)
         self.grid_size = self.patch_embed.grid_size
@@ -159,8 +175,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = pos_embed(self.grid_size, self.num_cls_tokens, embed_dim)  # cls and patches
         self.pos_drop = nn.Dropout(dropout)
         self.prompt = (prompt or NoPrompt)(depth=depth, dim=embed_dim, patch_dim=self.patch_embed.flattened_patch_dim)
-        # the tokens before the patches, global under every attention pattern: [cls, prompts]
-        self.num_prefix_tokens = self.num_cls_tokens + self.prompt.length
+        # the tokens before the patches, global under every attention pattern: [cls, prompts, metadata]
+        self.num_prefix_tokens = self.num_cls_tokens + self.prompt.length + self.metadata.num_tokens
         self.token_pruning = (token_pruning or NoTokenPruning)(
             depth=depth, num_heads=num_heads, num_prefix_tokens=self.num_prefix_tokens,
             has_cls_token=pooling == "cls")
@@ -210,6 +226,18 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"model/early_exit={self.early_exit.name} exits with class logits of the linear head, "
                              f"but this run's task gives its own heads (segmentation, multi-task or "
                              f"task.aux_heads): use model/early_exit=none with it")
+        # model/temporal (none unless given: frames averaged)
+        self.temporal = (temporal or FrameAverage)(dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                                                   norm=norm, qkv_bias=qkv_bias, dropout=dropout,
+                                                   attention_dropout=attention_dropout)
+        if self.token_pruning.name != "none" and isinstance(self.temporal, DividedSpaceTime):
+            raise ValueError(f"model/token_pruning={self.token_pruning.name} prunes each frame's tokens apart, but "
+                             f"model/temporal=divided attends across frames token by token: use "
+                             f"model/temporal=factorised with token pruning")
+        if self.early_exit.name != "none" and (not isinstance(self.temporal, FrameAverage)
+                                               or self.metadata.fusion != "none"):
+            raise ValueError(f"model/early_exit={self.early_exit.name} exits from single images: use "
+                             f"model/temporal=none and model/metadata=none with it")
         self._init_weights()
 
     def _init_weights(self):
@@ -221,27 +249,40 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        self.temporal.init_weights()  # their own, after: TimeSformer's zero temporal projection,
+        self.metadata.init_weights()  # FiLM's zeros, late fusion's identity
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names that weight decay should leave alone (besides norms and biases)."""
-        return {"cls_token", "pos_embed.weight"}
+        """Parameter names that weight decay should leave alone (besides norms and biases): the position and
+        time embeddings and the cls tokens."""
+        candidates = {"cls_token", "pos_embed.weight", "temporal.cls_token", "temporal.time.weight"}
+        return candidates & {name for name, _ in self.named_parameters()}  # those this model's options have
 
-    def embed_tokens(self, x):  # (B, C, H, W) -> (B, N, D): [cls, prompts, patches], the first block's input
+    def embed_tokens(self, x, clip: Clip | None = None):
+        """Images (B, C, H, W), or every frame of a clip (B * T, C, H, W) -> the first block's input (B, N, D):
+        [cls, prompts, metadata token, patches] (prompts with model/prompt, the token with model/metadata=token)."""
+        clip = clip or Clip()  # images: the temporal and metadata steps below change nothing
         x = self.patch_embed(x)  # (B, P, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+P, D)
         x = self.pos_drop(self.pos_embed(x))
-        return self.prompt.insert(x, after=self.num_cls_tokens)  # (B, p + P, D): [cls, prompts, patches]
+        x = self.temporal.embed(x, clip)  # divided: each frame's time encoding
+        x = self.prompt.insert(x, after=self.num_cls_tokens)  # (B, p + P, D): [cls, prompts, patches]
+        return self.metadata.prefix(x, clip, after=self.num_cls_tokens + self.prompt.length)  # token: one more
 
-    def forward_features(self, x, keep_blocks: frozenset[int] = frozenset()):
+    def forward_features(self, x, keep_blocks: frozenset[int] = frozenset(), clip: Clip | None = None):
         """Tokens (B, N, D) after the last block (normalized with cls pooling); with `keep_blocks`, also
-        {i: block i's output tokens} for those blocks."""
-        x = self.embed_tokens(x)
+        {i: block i's output tokens} for those blocks. With a `clip` (time series, metadata), x holds every
+        frame of every sample, (B * T, C, H, W), and the tokens are per frame (vitsweep.model.clip)."""
+        clip = clip or Clip()
+        x = self.embed_tokens(x, clip)
         size = None  # (B, N) patches per token, once token merging (ToMe) has merged some
         hidden = {}
         for layer, block in enumerate(self.blocks):
             x = self.prompt.at_layer(x, layer, after=self.num_cls_tokens)  # deep prompts: this layer's own
+            x = self.temporal.mix(layer, x, clip)  # divided: each token attends across its sample's frames
             x, size = block(x, size)  # (B, N', D)
+            x = self.metadata.modulate(layer, x, clip)  # film
             if layer in keep_blocks:
                 hidden[layer] = x
         if self.pooling == "cls":
@@ -256,11 +297,24 @@ class VisionTransformer(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x):  # (B, C, H, W) -> logits (B, num_classes), or what the task's heads return
+    def read_inputs(self, x) -> tuple[torch.Tensor, Clip]:
+        """A batch (images, frames, or Inputs) -> (every frame as an image (B * T, C, H, W), its Clip)."""
+        images, inputs = unpack(x)
+        frames = inputs.images.shape[1] if inputs.images.dim() == 5 else 1
+        return images, Clip(frames, inputs.dates, self.metadata.encode(inputs))
+
+    def pool(self, tokens: torch.Tensor, clip: Clip) -> torch.Tensor:
+        """Every frame's tokens (B * T, N, D) -> each sample's vector (B, D): pooled per frame (forward_head),
+        over the frames (model/temporal), then joined with the metadata (model/metadata=late)."""
+        pooled = self.forward_head(tokens, pre_logits=True)  # (B * T, D)
+        return self.metadata.fuse(self.temporal.pool(pooled, clip), clip)  # (B, D)
+
+    def forward(self, x):  # (B, C, H, W) | (B, T, C, H, W) | Inputs -> logits (B, num_classes), or the heads' outputs
         if self.early_exit.name != "none":
             return self.forward_early_exit(x)
         if not isinstance(self.head, TaskHead) and not (self.aux_heads and self.training):
-            return self.forward_head(self.forward_features(x))
+            images, clip = self.read_inputs(x)
+            return self.head(self.pool(self.forward_features(images, clip=clip), clip))
         heads = [self.head, *(self.aux_heads.values() if self.training else [])]
         features = self.features(x, heads)
         out = self.head(features) if isinstance(self.head, TaskHead) else self.head(features.pooled)
@@ -275,8 +329,9 @@ class VisionTransformer(nn.Module):
         exits = self.early_exit
         # samples drop out as they leave: at eval, unless record_exits wants every exit (or on the meta
         # device, the FLOP count: no values to decide on, the whole depth, the worst case)
-        drop_out = not self.training and exits.recorder is None and not x.is_meta
-        x, size = self.embed_tokens(x), None
+        images, _ = self.read_inputs(x)  # (B, C, H, W): early exit takes single images (refused otherwise)
+        drop_out = not self.training and exits.recorder is None and not images.is_meta
+        x, size = self.embed_tokens(images), None
         running = torch.arange(x.shape[0], device=x.device)  # (R,) the samples still in the blocks
         out = None  # (B, K) each sample's logits from where it left (drop_out only)
         exit_logits = []  # (B, K) of each exit (training, recording)
@@ -308,20 +363,22 @@ class VisionTransformer(nn.Module):
         return exits.decide(exit_logits, final_logits)
 
     def features(self, x, heads: list[nn.Module]) -> Features:
-        """What `heads` read from the trunk for images x (B, C, H, W): see heads.py."""
+        """What `heads` read from the trunk for images x (B, C, H, W): see heads.py. Time series: the pooled
+        vector is the sample's (model/temporal); tokens and attention maps are the mean over its frames."""
         depth = len(self.blocks)
         task_heads = [head for head in heads if isinstance(head, TaskHead)]
         keep = {i: i % depth for head in task_heads for i in head.reads_blocks}
         watched = {i: i % depth for head in task_heads for i in head.reads_attention}
+        images, clip = self.read_inputs(x)
         with contextlib.ExitStack() as stack:
             maps = {b: stack.enter_context(record_attention(self.blocks[b])) for b in set(watched.values())}
-            out = self.forward_features(x, frozenset(keep.values()))
+            out = self.forward_features(images, frozenset(keep.values()), clip)
         tokens, hidden = out if keep else (out, {})
-        return Features(pooled=self.forward_head(tokens, pre_logits=True),
-                        patch_tokens=tokens[:, self.num_prefix_tokens:], grid_size=self.grid_size,
+        return Features(pooled=self.pool(tokens, clip),
+                        patch_tokens=clip.frame_mean(tokens[:, self.num_prefix_tokens:]), grid_size=self.grid_size,
                         image_size=self.patch_embed.image_size, num_prefix_tokens=self.num_prefix_tokens,
-                        hidden={i: hidden[b] for i, b in keep.items()},
-                        attention={i: maps[b][0] for i, b in watched.items()})  # (B, nh, N, N) each
+                        hidden={i: clip.frame_mean(hidden[b]) for i, b in keep.items()},
+                        attention={i: clip.frame_mean(maps[b][0]) for i, b in watched.items()})  # (B, nh, N, N) each
 
     def last_block_name(self) -> str:
         """The block whose weights the last layer runs (model.trainable=head+norm+last_block); with
@@ -347,7 +404,8 @@ class VisionTransformer(nn.Module):
             f"+ {prefix} | flattened_patch_dim {self.patch_embed.flattened_patch_dim} | "
             f"embed_dim {self.embed_dim} | depth {len(self.blocks)} | pooling {self.pooling} | "
             f"attention {type(self.blocks[0].attn).__name__} | norm {type(self.norm).__name__} | "
-            f"pos_embed {type(self.pos_embed).__name__}"
+            f"pos_embed {type(self.pos_embed).__name__} | temporal {type(self.temporal).__name__} | "
+            f"metadata {self.metadata.fusion}"
         )
         if self.prompt.length:
             line += f" | prompt {type(self.prompt).__name__} x{self.prompt.length}"

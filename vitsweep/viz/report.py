@@ -8,6 +8,10 @@ training starts.
 Models without a flat ViT token sequence (model=swin; a ViT whose tokens are pruned or merged,
 model/token_pruning) get no per-head attention figures, and refuse the methods that read that
 sequence (rollout, Grad-CAM on the patch grid) with one line; `explain: auto` picks what applies.
+
+A model that reads time series or metadata (model/temporal, model/metadata) gets `frames.png` instead:
+attention over each sample's frames (vitsweep.viz.frames); the per-image figures and captum's explanations
+take single images without metadata.
 """
 
 from __future__ import annotations
@@ -20,10 +24,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vitsweep.data.inputs import Inputs, map_batch
 from vitsweep.data.splits import map_targets
 from vitsweep.viz.attention import collect_attentions, eval_mode
 from vitsweep.viz.explain import EXPLAINERS, NEEDS_TOKEN_GRID
-from vitsweep.viz.figures import explanation_figure, heatmaps_figure, save_figure, visualize_attention
+from vitsweep.viz.figures import (
+    explanation_figure,
+    heatmaps_figure,
+    prediction_title,
+    save_figure,
+    visualize_attention,
+)
+from vitsweep.viz.frames import frame_attention, frames_figure
 from vitsweep.viz.tasks import sample_title, segmentation_figure
 
 log = logging.getLogger(__name__)
@@ -112,8 +124,9 @@ class FigureReport:
             names = [re.sub(r"[^\w-]", "_", Path(path).stem)[:40] for path in self.image_paths]
             return data.normalize(images.to(data.device)), None, names
         images, labels = next(iter(data.eval_batches(self.split)))  # a fixed set: the split's first images
-        images = images[::data.eval_views]  # data.eval_crop=tiled: each image's first window
-        images, labels = images[:self.num_images], map_targets(lambda t: t[:self.num_images], labels)
+        images = map_batch(lambda t: t[::data.eval_views], images)  # data.eval_crop=tiled: each image's first window
+        images = map_batch(lambda t: t[:self.num_images], images)  # (with their metadata and dates, if any)
+        labels = map_targets(lambda t: t[:self.num_images], labels)
         return data.normalize(images), labels, [f"{self.split}{i}" for i in range(images.shape[0])]
 
     # ------------------------------------------------------------------------------ the figures
@@ -152,6 +165,10 @@ class FigureReport:
         than classification, `write_task` (titles, explanations and figures of that task)."""
         images, labels, names = self.inputs(data, image_size)
         mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
+        if isinstance(images, Inputs) and images.images.dim() == 4 and model.metadata.fusion == "none":
+            images = images.images  # an image model: the metadata the data carries is not its input
+        if isinstance(images, Inputs) or images.dim() == 5:  # time series, or metadata the model reads
+            return self.write_frames(model, task, images, labels, data.class_names, Path(out_dir), mean, std)
         if task is None or task.kind == "classification":
             return self.write(model, images, labels, data.class_names, out_dir, mean=mean, std=std, names=names)
         return self.write_task(model, task, images, labels, data.class_names, Path(out_dir), mean, std, names)
@@ -195,6 +212,23 @@ class FigureReport:
             figure = aux_attention_figure(model, task, images, labels, **style)
             figures["viz/aux_attention"] = save_figure(figure, out_dir / "aux_attention.png")
         return figures
+
+
+    def write_frames(self, model, task, batch, labels, class_names, out_dir: Path, mean, std) -> dict[str, Path]:
+        """`frames.png`: each sample's frames with their attention maps and the weights over frames, titled
+        with the task's prediction and truth."""
+        self.check(model)
+        outputs, maps, weights = frame_attention(model, batch, self.layer)
+        def title(i):
+            output = map_targets(lambda t: t[i], outputs)
+            target = None if labels is None else map_targets(lambda t: t[i], labels)
+            if task is None:
+                return prediction_title(output, None if target is None else int(target), class_names)
+            return sample_title(task, output, target, class_names)
+        figure = frames_figure(batch, maps, weights, [title(i) for i in range(maps.shape[0])],
+                               rgb_bands=self.rgb_bands, mean=mean, std=std)
+        log.info("viz: attention over frames in frames.png (per-image attention and explanations: image models)")
+        return {"viz/frames": save_figure(figure, out_dir / "frames.png")}
 
 
 def image_file(path: str, in_channels: int) -> Path:
