@@ -34,15 +34,15 @@ from timm.layers import DropPath
 from torch import nn
 
 from vitsweep.model.attention import MultiHeadAttention, record_attention
-from vitsweep.model.early_exit import NoEarlyExit
 from vitsweep.model.clip import Clip, unpack
+from vitsweep.model.early_exit import NoEarlyExit
 from vitsweep.model.heads import Features, TaskHead
 from vitsweep.model.metadata import MetadataInput
 from vitsweep.model.pos_embed import LearnedPositionEmbedding
 from vitsweep.model.prompt import NoPrompt
 from vitsweep.model.sharing import NoSharing, drop_aliases, fill_aliases, tie_blocks
-from vitsweep.model.token_pruning import NoTokenPruning
 from vitsweep.model.temporal import DividedSpaceTime, FrameAverage
+from vitsweep.model.token_pruning import NoTokenPruning
 
 
 def _pair(v) -> tuple[int, int]:
