@@ -66,6 +66,17 @@ def test_the_count_runs_on_meta_and_leaves_the_weights_alone():
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+def test_the_count_leaves_shared_weights_alone():
+    """model/sharing reuses modules across layers: the count must not leave an alias on `meta`."""
+    from vitsweep.model.sharing import ShareAll
+
+    model = VisionTransformer(image_size=8, patch_size=4, in_channels=1, num_classes=3, embed_dim=16, depth=3,
+                              num_heads=2, mlp_dim=32, sharing=ShareAll())
+    assert forward_flops(model, (1, 8, 8)) == hand_count(8, 4, 4, 1, 16, 3, 32, 3, cls_token=True)
+    assert all(p.device.type == "cpu" for _, p in model.named_parameters(remove_duplicate=False))
+    model(torch.zeros(2, 1, 8, 8))  # the shared blocks still run on real weights
+
+
 def test_wall_clock_charges_each_lap_to_its_part():
     clock = WallClock()
     time.sleep(0.05)

@@ -64,7 +64,8 @@ OPTIONS = {
                                  "heads": {"riot": {"type": "classification", "column": "riot"},
                                            "crowd": {"type": "regression", "column": "crowd", "loss": "l1"},
                                            "area": {"type": "segmentation", "column": "area", "weight": 0.5}}}},
-    "aux_heads": {"task": {"aux_heads": ["deep_supervision", "region", "attention"]}},
+    "aux_heads": {"task": {"aux_heads": ["deep_supervision", "region", "attention"],
+                           "aux": {"region": {"num_classes": "${data.num_classes}"}}}},  # synthetic masks: K classes
     # research controls (issue 9); a 25x25 grid makes local attention run as Halo blocks
     "attention_local_halo": {"defaults": [{"override /model/attention": "local"}], "data": {"image_size": 100}},
     "token_pruning_evit": {"defaults": [{"override /model/token_pruning": "evit"}],

@@ -113,6 +113,11 @@ class Task(Objective):
         self.setup(main, class_names, model, data)
         if self.region is not None:
             self.region.fit_to(model)
+            region = targets.get("region") if isinstance(targets, dict) else None
+            labelled = region[region != IGNORE_INDEX] if region is not None else None
+            if labelled is not None and labelled.numel() and int(labelled.max()) >= self.region.num_classes:
+                raise ValueError(f"task.aux.region.num_classes={self.region.num_classes} but the region masks hold "
+                                 f"class {int(labelled.max())}: set task.aux.region.num_classes={int(labelled.max()) + 1}")
         self.check_early_exit(model)
 
     def check_early_exit(self, model) -> None:

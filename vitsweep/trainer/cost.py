@@ -9,12 +9,13 @@ arithmetic runs, no memory is allocated, and scaled_dot_product_attention is cou
 
 from __future__ import annotations
 
+import copy
+
 import resource
 import sys
 import time
 
 import torch
-from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 PARTS = ("data", "train", "eval", "other")
@@ -39,16 +40,15 @@ class WallClock:
 
 
 def forward_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass of one (C, H, W) image through `model` in eval mode."""
-    meta = {name: torch.empty_like(tensor, device="meta")
-            for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            functional_call(model, meta, (torch.zeros(1, *input_shape, device="meta"),))
-    finally:
-        model.train(was_training)
+    """FLOPs of one forward pass of one (C, H, W) image through `model` in eval mode: counted on a copy whose
+    tensors are on `meta` (no memory, no values), made by deepcopy with every tensor mapped to its meta
+    stand-in beforehand, so shared modules (model/sharing) stay shared and the model itself is untouched."""
+    memo = {id(tensor): (torch.nn.Parameter(torch.empty_like(tensor, device="meta"), tensor.requires_grad)
+                         if isinstance(tensor, torch.nn.Parameter) else torch.empty_like(tensor, device="meta"))
+            for tensor in [*model.parameters(), *model.buffers()]}
+    meta_model = copy.deepcopy(model, memo).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta_model(torch.zeros(1, *input_shape, device="meta"))
     return counter.get_total_flops()
 
 
