@@ -13,7 +13,6 @@ from test_config import composed
 
 from vitsweep.data import DataModule
 from vitsweep.data.digits import load_digits
-from vitsweep.data.synthetic import load_synthetic
 from vitsweep.model import create_vit
 from vitsweep.model.pretrained import load_pretrained
 from vitsweep.pretrain import DINO, ENCODER_PREFIX, MAE
@@ -93,7 +92,11 @@ def test_the_encoder_sees_only_the_visible_patches():
 
 @pytest.mark.parametrize("pooling,pos_embed", [("cls", "learned"), ("mean", "sincos"), ("cls", "none")])
 def test_encode_is_the_encoders_own_forward(pooling, pos_embed):
-    from vitsweep.model.pos_embed import LearnedPositionEmbedding, NoPositionEmbedding, SinCosPositionEmbedding
+    from vitsweep.model.pos_embed import (
+        LearnedPositionEmbedding,
+        NoPositionEmbedding,
+        SinCosPositionEmbedding,
+    )
 
     kind = {"learned": LearnedPositionEmbedding, "sincos": SinCosPositionEmbedding, "none": NoPositionEmbedding}
     encoder = tiny_encoder(pooling=pooling, pos_embed=kind[pos_embed]).eval()
@@ -251,7 +254,7 @@ TASKS = {
 def test_a_pretrain_checkpoint_loads_every_encoder_tensor_into_any_task(tmp_path, method, task):
     shape = ["data=synthetic", "data.in_channels=5", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
              "model.num_heads=2", "model.mlp_dim=64"]
-    cfg = composed([*shape, f"mode=pretrain", f"pretrain={method}", "pretrain.out_dim=64"
+    cfg = composed([*shape, "mode=pretrain", f"pretrain={method}", "pretrain.out_dim=64"
                     if method == "dino" else "pretrain.decoder_dim=32"])
     encoder = instantiate(cfg.model, num_classes=0)
     pretrained = instantiate(cfg.pretrain).build(encoder)

@@ -141,3 +141,20 @@ def test_the_pretraining_ablation_fine_tunes_from_each_start(runs, tmp_path):
     for summary in summaries:
         if "pretrained" in summary:  # 1 band (MAE, digits) and 5 bands (DINO) both fitted to the recipe's 3
             assert summary["pretrained"]["num_missing_encoder"] == 0, summary["pretrained"]
+
+
+@pytest.mark.slow
+def test_multispectral_pretrain_then_fine_tune_from_the_cli(tmp_path):
+    """6-band images: MAE on the training images, then a fine-tune scored on the held-out test split."""
+    bands = ["data=synthetic", "data.in_channels=6", "data.normalization=auto", *SMALL, "trainer.max_epochs=1",
+             "viz.enabled_at_end=false"]
+    run_cli([*bands, "mode=pretrain", "pretrain=mae", "pretrain.decoder_dim=64", "pretrain.decoder_depth=1"],
+            tmp_path / "pretrain")
+    ckpt = tmp_path / "pretrain" / "run" / "checkpoints" / "best.pt"
+    run_cli([*bands, f"model.pretrained={ckpt}", "model.trainable=all"], tmp_path / "finetune")
+    summary = read_summary(tmp_path / "finetune" / "run")
+    report = summary["pretrained"]
+    assert summary["status"] == "completed" and "test/acc" in summary["metrics"]
+    assert report["num_missing_encoder"] == 0 and report["adapted_channels"] == []  # 6 bands in, 6 bands out
+    encoder = encoder_tensors(tmp_path / "pretrain" / "run")
+    assert encoder["patch_embed.proj.weight"].shape[1] == 6 and sorted(report["loaded"]) == sorted(encoder)

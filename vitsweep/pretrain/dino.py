@@ -17,6 +17,7 @@ of the two). The student's encoder is `student`.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import torch
@@ -37,7 +38,7 @@ class DINOHead(nn.Module):
         super().__init__()
         widths = [in_dim] + [hidden_dim] * (num_layers - 1)
         layers = []
-        for width_in, width_out in zip(widths[:-1], widths[1:]):
+        for width_in, width_out in itertools.pairwise(widths):
             layers += [nn.Linear(width_in, width_out), nn.GELU()]
         self.mlp = nn.Sequential(*layers, nn.Linear(widths[-1], bottleneck_dim))
         self.last_layer = nn.Parameter(torch.empty(out_dim, bottleneck_dim))

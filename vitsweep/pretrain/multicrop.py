@@ -23,7 +23,7 @@ def random_resized_crops(images: torch.Tensor, size: int, scale: tuple[float, fl
     """(B, C, H, W) -> (B, C, size, size): per image, a window covering a random share in `scale` of its
     area with a random aspect ratio in `ratio` (log-uniform), at a random position inside it, resized
     bilinearly, and mirrored with probability flip_p (torchvision's RandomResizedCrop, one draw per image)."""
-    B, C, H, W = images.shape
+    B, C = images.shape[:2]
     device = images.device
     area = uniform(scale[0], scale[1], B, device)
     aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1]), B, device))

@@ -33,7 +33,7 @@ def reconstructions(model: MaskedAutoencoder, images: torch.Tensor) -> dict[str,
         mean = patches.mean(dim=-1, keepdim=True)
         std = (patches.var(dim=-1, keepdim=True, correction=0) + 1e-6).sqrt()
         predicted = predicted.float() * std + mean
-    fold = lambda p: unpatchify(p, model.patch_size, model.stride, images.shape[-2:])  # noqa: E731
+    fold = lambda p: unpatchify(p, model.patch_size, model.stride, images.shape[-2:])
     hidden_pixels = fold(hidden[..., None].float().expand_as(patches)) > 0.5  # (B, C, H, W)
     prediction = fold(predicted)
     return {"masked": torch.where(hidden_pixels, torch.zeros_like(images), images), "prediction": prediction,
