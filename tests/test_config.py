@@ -67,8 +67,21 @@ def test_every_option_composes(group, option):
         import torch
         optimizer = instantiate(cfg.optimizer, model=torch.nn.Linear(2, 2))
         assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
-    elif group in ("loss", "augment", "trainer", "task") or (group == "logger" and cfg.get("logger")):
+    elif group in ("loss", "augment", "trainer", "task", "pretrain") or (group == "logger" and cfg.get("logger")):
         assert instantiate(cfg[group]) is not None
+
+
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_pretrain_mode_composes_and_builds_each_method_around_the_model(method):
+    import torch
+
+    cfg = composed(["mode=pretrain", f"pretrain={method}"])
+    assert cfg.mode == "pretrain" and cfg.pretrain._target_ == f"vitsweep.pretrain.{method.upper()}"
+    encoder = instantiate(cfg.model, num_classes=0)
+    model = instantiate(cfg.pretrain).build(encoder)
+    assert model.encoder is encoder or method == "dino"  # DINO: `encoder` is the teacher, a copy of the student
+    outputs = model.eval()(torch.randn(2, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size))
+    assert outputs["features"].shape == (2, cfg.model.embed_dim) and outputs["loss"].shape == (2,)
 
 
 def test_help_lists_the_groups():

@@ -16,7 +16,7 @@ from test_config import REQUIRED, composed, group_options
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vitsweep"
 # components know nothing of what drives them: these packages never import the ones in HIGH
-LOW = {"model", "augment", "data", "metrics", "loss", "optimizer", "scheduler", "tasks"}
+LOW = {"model", "augment", "data", "metrics", "loss", "optimizer", "scheduler", "tasks", "pretrain"}
 HIGH = {"trainer", "job", "modes", "viz", "compare", "cli"}
 
 

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, PretrainedLoadError, OutputWriteError)
 
 Mode = Callable[[DictConfig, "JobRecord", RunLogger], "float | None"]
+FITTING_MODES = ("train", "pretrain")  # the modes that train, checkpoint and resume from last.pt
 
 
 class UserError(SystemExit):
@@ -97,7 +98,7 @@ class JobRecord:
 
 def resumed_run_id(cfg: DictConfig) -> str | None:
     """The W&B run id stored in the checkpoint a training run resumes from: the run goes on in W&B too."""
-    if cfg.mode != "train" or not cfg.ckpt_path or not Path(cfg.ckpt_path).is_file():
+    if cfg.mode not in FITTING_MODES or not cfg.ckpt_path or not Path(cfg.ckpt_path).is_file():
         return None  # a bad ckpt_path is reported by the mode, with the backend run already open
     try:
         return torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("wandb_id")
@@ -234,7 +235,7 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
     """One Hydra job: `modes[cfg.mode]` wrapped in the bookkeeping above. Returns the monitored metric
     (for sweepers); NaN when a multirun job failed (under Optuna the failure is raised instead)."""
     job = JobRecord.from_hydra(cfg)
-    if cfg.mode == "train" and (cfg.get("resume") or requeued_by_slurm() or requeued_by_submitit(job.job_dir)):
+    if cfg.mode in FITTING_MODES and (cfg.get("resume") or requeued_by_slurm() or requeued_by_submitit(job.job_dir)):
         stored_value = resume(cfg, job)
         if stored_value is not None:
             return stored_value

@@ -3,6 +3,7 @@
     train       fit, then score the test split with the best checkpoint, then draw the figures
     eval        score the test split with ckpt_path
     visualize   draw the figures of ckpt_path (conf/viz)
+    pretrain    self-supervised pretraining of the encoder (conf/pretrain: mae, dino), then its figures
 
 Each mode reads top to bottom like lightning-hydra-template's `train.py`: instantiate, run, log,
 return the monitored value. The bookkeeping every job shares (its record, resume, the failure
@@ -19,9 +20,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vitsweep.data.datamodule import trained_normalization
-from vitsweep.job import JobRecord, run_job
+from vitsweep.job import JobRecord, UserError, run_job
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.model.metadata import reads_metadata
+from vitsweep.pretrain import ENCODER_PREFIX
 from vitsweep.ranks import follow, leading
 from vitsweep.trainer import interrupt
 from vitsweep.trainer.checkpoint import carry_best_forward, load_checkpoint, restore
@@ -29,6 +31,7 @@ from vitsweep.trainer.cost import forward_flops, gflops, run_cost
 from vitsweep.trainer.distributed import is_follower, rank_zero_first
 from vitsweep.trainer.loop import resolve_device, seed_everything
 from vitsweep.viz import save_figure, split_figures
+from vitsweep.viz.pretrain import pretrain_figures
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +232,69 @@ def visualize(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> None:
     log.info("%s", "\n".join(f"{name}: {path}" for name, path in figures.items()))
 
 
-MODES = {"train": train, "eval": evaluate, "visualize": visualize}
+def pretrain(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
+    """Pretrain the encoder of cfg.model without labels (vitsweep.pretrain), in the one training loop: the
+    method's module is the model, the method answers the loop's calls as a task does. best.pt's `encoder.*`
+    tensors are what `model.pretrained=<best.pt>` loads into any task (vitsweep.model.pretrained)."""
+    if not cfg.get("pretrain"):
+        raise ValueError("mode=pretrain needs a method: add pretrain=mae or pretrain=dino")
+    seed_everything(cfg.seed)
+    method = instantiate(cfg.pretrain)
+    task = instantiate(cfg.task)  # asks the data for its targets: the kNN monitor reads class labels, nothing trains on them
+    with rank_zero_first(cfg.trainer.ddp_timeout_s):  # DDP: one process downloads or fills the disk cache
+        encoder = instantiate(cfg.model, num_classes=0, **({"pretrained": None} if cfg.ckpt_path else {}))  # no head
+        model = method.build(encoder)  # a bad method option fails here, before any data is read
+        data = build_data(cfg, task)
+    if encoder.load_report is not None:
+        logger.update_summary(pretrained=encoder.load_report.as_dict())
+    figure_report = instantiate(cfg.viz)
+    figure_report.check(encoder)
+    method.setup(data, model)  # the images it learns from (pretrain.use_all_splits), the monitor
+    resume_state = restore(model, cfg.ckpt_path) if cfg.ckpt_path else None
+    log.info("%s | pretrain=%s", encoder.summary(), method.kind)
+    trainer = instantiate(cfg.trainer, monitor=method.monitor, monitor_mode=method.monitor_mode)
+    model.to(trainer.device)
+    data.to(trainer.device)
+    augment = instantiate(cfg.augment).to(trainer.device)
+    optimizer = instantiate(cfg.optimizer, model=model)
+    steps_per_epoch = data.steps_per_epoch() // cfg.trainer.accumulate_grad_batches  # optimizer steps
+    total_steps = cfg.trainer.max_epochs * steps_per_epoch
+    scheduler = instantiate(cfg.scheduler, optimizer=optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    method.attach(model, optimizer, total_steps)  # DINO: the teacher follows the student after every step
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data"].update(data.normalization_stats())
+    logger.update_summary(monitor=method.monitor, monitor_mode=method.monitor_mode, pretrain=method.kind,
+                          num_params=sum(p.numel() for p in encoder.parameters()),
+                          normalization=data.normalization_stats(), images_seen_per_epoch=len(data.split("train")))
+
+    result = trainer.fit(model, data, augment, method, optimizer, scheduler, logger, job.checkpoint_dir,
+                         seed=cfg.seed, resume_state=resume_state,
+                         checkpoint_extra={"config": config, "wandb_id": logger.run_id, "task": method.task_state(),
+                                           "pretrain": {"method": method.kind, "encoder_prefix": ENCODER_PREFIX}})
+    best = job.checkpoint_dir / "best.pt"
+    logger.update_summary(best_value=result.best_value, best_epoch=result.best_epoch, metrics=result.best_metrics,
+                          epochs_completed=result.epochs_completed, steps=result.steps,
+                          stopped_by_time=result.stopped_by_time, encoder_checkpoint=str(best))
+    log.info("best epoch %s: %s; fine-tune from it with model.pretrained=%s", result.best_epoch,
+             "  ".join(f"{k} {v:.4f}" for k, v in (result.best_metrics or {}).items()), best)
+    if figure_report.enabled_at_end and trainer.ranks.is_main:  # MAE reconstructions, DINO attention (rank 0)
+        restore(model, best, map_location=trainer.device)
+        images, _, names = figure_report.inputs(data, cfg.model.image_size)
+        figures = pretrain_figures(model, images, job.job_dir / "figures", names, rgb_bands=figure_report.rgb_bands,
+                                   mean=data.mean.flatten().tolist(), std=data.std.flatten().tolist())
+        logger.log_images(figures, step=result.steps)
+        log.info("figures: %d PNGs in %s", len(figures), job.job_dir / "figures")
+    return result.best_value
+
+
+MODES = {"train": train, "eval": evaluate, "visualize": visualize, "pretrain": pretrain}
+
+
+def check_method_group(cfg: DictConfig) -> None:
+    """A pretrain method is read by mode=pretrain only: elsewhere it would be silently ignored."""
+    if cfg.get("pretrain") and cfg.mode != "pretrain":
+        raise UserError(f"pretrain={cfg.pretrain._target_.rsplit('.', 1)[-1].lower()} is read by mode=pretrain: add "
+                        f"mode=pretrain, or drop pretrain=... (fine-tune with model.pretrained=<its best.pt>)")
 
 
 def run(cfg: DictConfig) -> float:
@@ -237,6 +302,7 @@ def run(cfg: DictConfig) -> float:
     (vitsweep.ranks): rank 0 leads the job; a SLURM task after the first follows it."""
     if is_follower():
         return follow(MODES)
+    check_method_group(cfg)
     with leading(cfg):
         return run_job(cfg, MODES)
 

@@ -1,7 +1,8 @@
 """Start a VisionTransformer from pretrained weights, and choose which of its parameters train.
 
 Three sources, one entry point, `load_pretrained(model, source)`:
-- a vitsweep checkpoint `.pt` (a dict {"model": state_dict, "config": ...}, as training writes it),
+- a vitsweep checkpoint `.pt` (a dict {"model": state_dict, "config": ...}, as training writes it); from a
+  `mode=pretrain` run's checkpoint (it also holds {"pretrain": {"encoder_prefix": ...}}) only its encoder,
 - a timm ViT state dict saved as `.pth` / `.pt` / `.safetensors`,
 - `timm:NAME`: `timm.create_model(NAME, pretrained=True)` (needs the Hugging Face hub).
 
@@ -41,6 +42,10 @@ TRAINABLE = {
     "prompt+head": ("prompt.", "head.", *NEW_MODULES),  # Visual Prompt Tuning: the prompt tokens and the head
 }
 
+# The task's heads (vitsweep.task): new for each task, so a checkpoint's heads that do not fit are dropped and
+# the model's that it lacks keep their init; any other tensor missing or misfit is an error.
+HEAD_PREFIXES = ("head.", "aux_heads.")
+
 # timm ViT keys we know how to map; anything else in a timm state dict is an error, not a silent drop.
 _TIMM_BLOCK_KEY = re.compile(r"blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
 _TIMM_LAYER_SCALE_KEY = re.compile(r"blocks\.\d+\.ls[12]\.gamma")
@@ -66,7 +71,9 @@ class LoadReport:
 
     def as_dict(self) -> dict:
         """For summary.json: every list, plus the counts."""
-        return {**asdict(self), "num_loaded": len(self.loaded), "num_missing": len(self.reinitialized)}
+        missing_encoder = [entry for entry in self.reinitialized if not entry.startswith(HEAD_PREFIXES)]
+        return {**asdict(self), "num_loaded": len(self.loaded), "num_missing": len(self.reinitialized),
+                "num_missing_encoder": len(missing_encoder)}  # the trunk's tensors the weights did not give
 
     def __str__(self) -> str:
         lines = [f"pretrained {self.source}: {len(self.loaded)} tensors loaded as they were"]
@@ -206,6 +213,14 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, strict_shapes: bool = T
                 report.reinitialized.append(f"{key} ({old[0]} -> {target[key].shape[0]} classes)")
             else:
                 report.dropped.append(f"{key} (model has no head)")
+    # a task's other heads (a segmentation decoder, multi-task heads, auxiliary heads): the same rule
+    for key in [k for k in state_dict if k.startswith(HEAD_PREFIXES)]:
+        if key not in target or target[key].shape != state_dict[key].shape:
+            state_dict.pop(key)
+            report.dropped.append(f"{key} (not a head of this model's task)")
+    for key in target:
+        if key.startswith(HEAD_PREFIXES) and key not in state_dict and key not in ("head.weight", "head.bias"):
+            report.reinitialized.append(f"{key} (the task's head: not in the checkpoint)")
 
     # what's left is copied as it is, or (the width, depth, mlp size differ) can't be fitted
     adapted, mismatched, unexpected = {}, [], []
@@ -305,6 +320,11 @@ def _read_weights_file(source: str) -> tuple[dict[str, torch.Tensor], bool]:
         ) from e
     is_training_checkpoint = isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint
     state_dict = _unwrap(checkpoint)
+    if is_training_checkpoint and isinstance(checkpoint.get("pretrain"), dict):
+        # mode=pretrain: the encoder, without the decoder, the projection heads or DINO's student
+        prefix = checkpoint["pretrain"]["encoder_prefix"]
+        state_dict = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        log.info("model.pretrained=%s: the encoder of a pretrain=%s run", source, checkpoint["pretrain"].get("method"))
     return state_dict, is_training_checkpoint or "pos_embed.weight" in state_dict
 
 

@@ -1,0 +1,75 @@
+"""Figures of a pretraining run (mode=pretrain): what the encoder learnt, without labels.
+
+    MAE    figures/reconstructions.png: per image, the input, what the encoder saw (hidden patches blanked),
+           the decoder's prediction of every patch, and the prediction pasted into the hidden patches only
+    DINO   figures/attention_<i>_<name>.png: the teacher encoder's attention (each head of the last layer,
+           and the rollout), which the paper shows finds objects without ever seeing a label
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from vitsweep.pretrain.dino import DINOModel
+from vitsweep.pretrain.mae import MaskedAutoencoder, patchify, unpatchify
+from vitsweep.pretrain.objective import fixed_randomness
+from vitsweep.viz.attention import eval_mode
+from vitsweep.viz.figures import PANEL_INCHES, image_to_rgb, save_figure, visualize_attention
+
+
+@torch.no_grad()
+def reconstructions(model: MaskedAutoencoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For model inputs (B, C, H, W), in the same space: the masked input, the prediction of every patch
+    (un-normalized with each true patch's mean and std under norm_pix_loss), and the prediction pasted
+    into the hidden patches; plus each image's loss (B,)."""
+    with eval_mode(model), fixed_randomness(images.device):
+        loss, predicted, hidden = model.reconstruct(images)  # (B,), (B, P, C * p * p), (B, P)
+    patches = patchify(images, model.patch_size, model.stride)  # (B, P, C * p * p)
+    if model.norm_pix_loss:  # back to pixels: the inverse of normalize_patches, with the true patch's statistics
+        mean = patches.mean(dim=-1, keepdim=True)
+        std = (patches.var(dim=-1, keepdim=True, correction=0) + 1e-6).sqrt()
+        predicted = predicted.float() * std + mean
+    fold = lambda p: unpatchify(p, model.patch_size, model.stride, images.shape[-2:])
+    hidden_pixels = fold(hidden[..., None].float().expand_as(patches)) > 0.5  # (B, C, H, W)
+    prediction = fold(predicted)
+    return {"masked": torch.where(hidden_pixels, torch.zeros_like(images), images), "prediction": prediction,
+            "pasted": torch.where(hidden_pixels, prediction, images), "loss": loss}
+
+
+def reconstruction_figure(model: MaskedAutoencoder, images: torch.Tensor, names: Sequence[str], rgb_bands=None,
+                          mean=None, std=None) -> Figure:
+    """A row per image: input | visible patches | prediction | prediction in the hidden patches."""
+    rows = reconstructions(model, images)
+    columns = [("input", images), (f"visible ({1 - model.mask_ratio:.0%})", rows["masked"]),
+               ("prediction", rows["prediction"]), ("hidden patches predicted", rows["pasted"])]
+    fig = Figure(figsize=(PANEL_INCHES * len(columns), PANEL_INCHES * len(images) + 0.3), layout="constrained")
+    axes = fig.subplots(len(images), len(columns), squeeze=False)
+    for row in range(len(images)):
+        for col, (title, batch) in enumerate(columns):
+            axes[row, col].imshow(image_to_rgb(batch[row], rgb_bands, mean, std), interpolation="nearest")
+            label = f"{names[row]}: loss {rows['loss'][row]:.3f}" if col == 0 else title
+            axes[row, col].set_title(label, fontsize=8)
+            axes[row, col].axis("off")
+    fig.suptitle(f"MAE: {model.mask_ratio:.0%} of the patches hidden", fontsize=10)
+    return fig
+
+
+def pretrain_figures(model, images: torch.Tensor, out_dir: Path, names: Sequence[str], rgb_bands=None, mean=None,
+                     std=None) -> dict[str, Path]:
+    """Write the figures of a pretraining method's model for model inputs `images`; {logger key: PNG}."""
+    out_dir = Path(out_dir)
+    style = {"rgb_bands": rgb_bands, "mean": mean, "std": std}
+    if isinstance(model, MaskedAutoencoder):
+        figure = reconstruction_figure(model, images, names, **style)
+        return {"viz/reconstructions": save_figure(figure, out_dir / "reconstructions.png")}
+    if isinstance(model, DINOModel):
+        figures = {}
+        for i, name in enumerate(names):
+            figure = visualize_attention(model.encoder, images[i], title=f"DINO teacher, {name}", **style)
+            figures[f"viz/attention_{i:02d}"] = save_figure(figure, out_dir / f"attention_{i:02d}_{name}.png")
+        return figures
+    raise TypeError(f"no pretraining figures for {type(model).__name__}")
