@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vitsweep.pretrain.encoder import full_attention, pooled_features
+from vitsweep.pretrain.encoder import check_plain_encoder, full_attention, pooled_features
 from vitsweep.pretrain.multicrop import MultiCrop
 from vitsweep.pretrain.objective import Pretraining, fixed_randomness
 
@@ -77,6 +77,7 @@ class DINOModel(nn.Module):
                  jitter_p: float = 0.8, blur_p: float = 0.5, student_temp: float = 0.1, teacher_temp: float = 0.04,
                  center_momentum: float = 0.9, teacher_momentum: float = 0.996):
         super().__init__()
+        check_plain_encoder(encoder, "dino")
         global_size = encoder.patch_embed.image_size[0]
         local_size = local_crop_size or default_local_crop_size(encoder)
         check_crop_size(encoder, local_size)

@@ -15,8 +15,24 @@ from torch import nn
 
 def full_attention(encoder: nn.Module) -> bool:
     """Whether every block attends to every token: the patterns of model/attention (local, windowed,
-    sparse) are masks built for the model's whole patch grid, so they cannot run on a subset of it."""
-    return all(getattr(block.attn, "mask", None) is None for block in encoder.blocks)
+    sparse) are defined on the model's whole patch grid, so they cannot run on a subset of it."""
+    return all(getattr(block.attn, "supports_token_reduction", False) for block in encoder.blocks)
+
+
+def check_plain_encoder(encoder: nn.Module, method: str) -> None:
+    """The methods pretrain the trunk that images go through: the research controls that change the token
+    sequence (pruning, prompts) or the inputs (time series, metadata), or add heads (early exit), are
+    for the fine-tuning run, on the pretrained encoder."""
+    options = {"model/token_pruning": getattr(getattr(encoder, "token_pruning", None), "name", "none"),
+               "model/prompt": "none" if not getattr(getattr(encoder, "prompt", None), "length", 0) else "on",
+               "model/early_exit": getattr(getattr(encoder, "early_exit", None), "name", "none"),
+               "model/metadata": getattr(getattr(encoder, "metadata", None), "fusion", "none"),
+               "model/temporal": "none" if type(getattr(encoder, "temporal", None)).__name__ in ("FrameAverage", "NoneType")
+               else "on"}
+    used = [group for group, value in options.items() if value != "none"]
+    if used:
+        raise ValueError(f"pretrain={method} pretrains the plain encoder, but {', '.join(used)} is set: pretrain "
+                         f"with {' '.join(f'{group}=none' for group in used)}, then fine-tune with it")
 
 
 def patch_tokens(encoder: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -50,8 +66,9 @@ def encode(encoder: nn.Module, images: torch.Tensor, visible: torch.Tensor | Non
     if visible is not None:
         index = visible[..., None].expand(-1, -1, tokens.shape[-1])  # (B, n, D)
         tokens = torch.cat([tokens[:, :prefix], tokens[:, prefix:].gather(1, index)], dim=1)  # (B, prefix + n, D)
+    size = None  # the blocks' token sizes (ToMe); the plain encoder never merges (check_plain_encoder)
     for block in encoder.blocks:
-        tokens = block(tokens)
+        tokens, size = block(tokens, size)
     if encoder.pooling == "cls":
         tokens = encoder.norm(tokens)
     return tokens

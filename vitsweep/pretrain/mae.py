@@ -22,7 +22,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from vitsweep.model.pos_embed import sincos_2d
-from vitsweep.pretrain.encoder import encode, full_attention, pooled_features
+from vitsweep.pretrain.encoder import check_plain_encoder, encode, full_attention, pooled_features
 from vitsweep.pretrain.objective import Pretraining, fixed_randomness
 
 
@@ -62,6 +62,7 @@ class MaskedAutoencoder(nn.Module):
     def __init__(self, encoder: nn.Module, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
                  decoder_dim: int = 128, decoder_depth: int = 2, decoder_num_heads: int = 4):
         super().__init__()
+        check_plain_encoder(encoder, "mae")
         if not full_attention(encoder):
             raise ValueError(f"pretrain=mae runs the encoder on the visible patches only, which the "
                              f"{type(encoder.blocks[0].attn).__name__} pattern (a mask over the whole grid) cannot "

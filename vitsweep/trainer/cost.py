@@ -10,7 +10,6 @@ arithmetic runs, no memory is allocated, and scaled_dot_product_attention is cou
 from __future__ import annotations
 
 import copy
-
 import resource
 import sys
 import time
