@@ -89,7 +89,7 @@ def test_two_ranks_follow_one_process_and_only_rank_0_writes(one_process, tmp_pa
     assert summary["status"] == "completed" and summary["steps"] == 2 * STEPS_PER_EPOCH
     assert summary["metrics"]["test/acc"] == pytest.approx(read_summary(one_process)["metrics"]["test/acc"])
     # one job dir (rank 1 composed no config and made no dir), holding rank 0's files only
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "wandb_home"]
+    assert {p.name for p in tmp_path.iterdir()} - {"wandb_home"} == {"run"}  # W&B makes its home when it needs it
     assert sorted(p.name for p in job_dir.iterdir()) == [".hydra", "checkpoints", "confusion_matrix.png",
                                                          "metrics.jsonl", "run.log", "summary.json", "wandb"]
     assert sorted(p.name for p in (job_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]

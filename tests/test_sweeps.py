@@ -45,7 +45,7 @@ def test_recipe_composes_and_names_its_task(recipe):
 
 def test_cifar10_recipes_train_on_cifar10_with_their_budgets():
     cpu = compose_train(["experiment=cifar10_cpu"])
-    assert cpu.data.source._target_.endswith("load_cifar10") and cpu.model.embed_dim == 128  # vit_cpu
+    assert cpu.data.source._target_.endswith("load_cifar10") and cpu.model.embed_dim == 64  # the recipe's own
     assert cpu.trainer.max_time is not None and cpu.trainer.max_time > 0
     tiny = compose_train(["experiment=cifar10_vit_tiny"])
     assert tiny.model.embed_dim == 192 and tiny.loss.label_smoothing == pytest.approx(0.1)
@@ -82,7 +82,9 @@ def grid_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grid")
     swept = ("model.embed_dim", "model.depth", "model.num_heads")
     tiny = [arg for arg in TINY_RUN if arg.split("=")[0] not in swept]
-    proc = run_cli([*GRID, *tiny], tmp, multirun=True)  # logger: wandb (offline), the default
+    proc = run_cli([*GRID, *tiny], tmp, multirun=True, check=False)  # logger: wandb (offline), the default
+    # the FAILING cell fails, so the sweep exits 1 after running every job (docs/sweeps.md)
+    assert proc.returncode == 1 and "1 of 4 jobs did not complete" in proc.stderr, proc.stderr[-3000:]
     return tmp / "sweep", proc
 
 

@@ -145,7 +145,10 @@ def train(cfg: DictConfig, job: JobRecord, logger: RunLogger) -> float | None:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"].update(data.normalization_stats())  # the mean/std in use (computed if normalization=auto)
     num_params = sum(p.numel() for p in model.parameters())
-    flops = forward_flops(model, (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size))  # on `meta`
+    # FLOPs on `meta`, of one image (one frame of a time series); a model that reads metadata columns needs
+    # them in its forward: not counted (gflops_per_image null)
+    flops = (None if reads_metadata(cfg.model)
+             else forward_flops(model, (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)))
     logger.update_summary(num_params=num_params, normalization=data.normalization_stats(), task=task.kind,
                           cost={"params": num_params, "gflops_per_image": gflops(flops)}, **skipped_files(data))
     # research controls: what trains (prompt tuning, freezing) and the tokens each layer sees (pruning)

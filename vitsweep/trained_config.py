@@ -70,6 +70,16 @@ def overridden_keys(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
     return keys
 
 
+def stored_at(stored: dict, key: str):
+    """The stored config's value (or section) at a dotted key; MISSING when it has none."""
+    node = stored
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
 def setting_override(key: str, overridden: dict[str, str]) -> str | None:
     """The override that sets `key` itself or a section above it."""
     parts = key.split(".")
@@ -116,7 +126,10 @@ def adopt_trained_config(cfg: DictConfig, overrides: list[str]) -> None:
         override = setting_override(key, overridden)
         if override is None or key in NOT_COMPARED:
             continue
-        stored_value = stored_normalization if key == "data.normalization" else taken.get(key, MISSING)
+        # a key the composed config holds as one value (an interpolation: task.metrics=${metrics}) is a
+        # whole section in the stored, resolved config: compared as such
+        stored_value = (stored_normalization if key == "data.normalization"
+                        else taken.get(key, stored_at(stored, key)))
         value = current_value(cfg, key)
         if value is not MISSING and value != stored_value:
             shown = "(not set)" if stored_value is MISSING else format_value(stored_value)

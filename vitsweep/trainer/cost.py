@@ -51,9 +51,10 @@ def forward_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
     return counter.get_total_flops()
 
 
-def gflops(flops: int) -> float:
-    """FLOPs in units of 10^9, to 6 significant digits (a tiny test model has a few hundred thousand)."""
-    return float(f"{flops / 1e9:.6g}")
+def gflops(flops: int | None) -> float | None:
+    """FLOPs in units of 10^9, to 6 significant digits (a tiny test model has a few hundred thousand);
+    None when they were not counted."""
+    return None if flops is None else float(f"{flops / 1e9:.6g}")
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
@@ -64,7 +65,7 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return peak / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"
 
 
-def run_cost(num_params: int, flops_per_image: int, train_images: int, clock: WallClock,
+def run_cost(num_params: int, flops_per_image: int | None, train_images: int, clock: WallClock,
              device: torch.device) -> dict:
     """The summary's `cost` block (docs/outputs.md): numbers, and what the peak memory measured."""
     memory_mib, memory_kind = peak_memory(device)
