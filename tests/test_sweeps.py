@@ -60,11 +60,14 @@ def test_ablation_sweeps_over_keys_and_options_that_exist(ablation):
     params = cfg.hydra.sweeper.params
     assert params, f"ablation/{ablation} sets no hydra.sweeper.params"
     assert cfg.task_name == f"ablation_{ablation}"
-    for key, values in params.items():
+    for key, values in OmegaConf.to_container(params, resolve=False).items():  # values as written
         for value in str(values).split(","):
             composed = compose_train([f"experiment=ablation/{ablation}", f"{key}={value}"])
             if "/" in key or key in ("optimizer", "data", "model"):  # a group option
                 assert composed.hydra.runtime.choices[key] == value
+            elif "${" in value:  # an interpolation (model.pretrained=${starts.mae}): composed as written
+                parent, _, leaf = key.rpartition(".")
+                assert OmegaConf.to_container(OmegaConf.select(composed, parent), resolve=False)[leaf] == value
             else:
                 assert OmegaConf.select(composed, key) == PARSER.parse_override(f"{key}={value}").value()
 
