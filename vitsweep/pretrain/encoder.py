@@ -12,6 +12,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from vitsweep.model.temporal import FrameAverage
+
 
 def full_attention(encoder: nn.Module) -> bool:
     """Whether every block attends to every token: the patterns of model/attention (local, windowed,
@@ -23,13 +25,12 @@ def check_plain_encoder(encoder: nn.Module, method: str) -> None:
     """The methods pretrain the trunk that images go through: the research controls that change the token
     sequence (pruning, prompts) or the inputs (time series, metadata), or add heads (early exit), are
     for the fine-tuning run, on the pretrained encoder."""
-    options = {"model/token_pruning": getattr(getattr(encoder, "token_pruning", None), "name", "none"),
-               "model/prompt": "none" if not getattr(getattr(encoder, "prompt", None), "length", 0) else "on",
-               "model/early_exit": getattr(getattr(encoder, "early_exit", None), "name", "none"),
-               "model/metadata": getattr(getattr(encoder, "metadata", None), "fusion", "none"),
-               "model/temporal": "none" if type(getattr(encoder, "temporal", None)).__name__ in ("FrameAverage", "NoneType")
-               else "on"}
-    used = [group for group, value in options.items() if value != "none"]
+    options = {"model/token_pruning": encoder.token_pruning.name != "none",
+               "model/prompt": encoder.prompt.length > 0,
+               "model/early_exit": encoder.early_exit.name != "none",
+               "model/metadata": encoder.metadata.fusion != "none",
+               "model/temporal": not isinstance(encoder.temporal, FrameAverage)}
+    used = [group for group, on in options.items() if on]
     if used:
         raise ValueError(f"pretrain={method} pretrains the plain encoder, but {', '.join(used)} is set: pretrain "
                          f"with {' '.join(f'{group}=none' for group in used)}, then fine-tune with it")
