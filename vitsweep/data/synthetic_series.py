@@ -5,10 +5,10 @@ revisit dates (a start in 2020, then every 20-40 days) and metadata: numeric col
 around 500: the scale the model must standardize) and `population` (a distractor), and the categorical
 column `region` (north, south, east, west). A `signal` decides what the label depends on:
 
-    motion     2 classes, right / left: a square blob moves `step` pixels per frame along its row, inside
-               the image. A left-moving clip is a right-moving one played backwards (the same set of frames,
-               drawn alike for both classes): no single frame and no average of frames tells; only their
-               order does.
+    motion     2 classes, right / left: a square blob moves `step` pixels per frame along its row on a
+               periodic (wrap-around) image, from a uniformly random column. Every single frame shows the blob
+               at a uniformly random place whatever the direction, and a left-moving clip is a right-moving one
+               played backwards: no single frame and no average of frames tells; only their order does.
     metadata   2 classes, low / high: high when z(events) + the region's effect > 0. The images are noise
                and a blob at a random place: only the metadata tells. Regression targets: that score.
     forecast   a blob moves along its row with its own speed (either direction, not wrapping); the target is
@@ -67,14 +67,12 @@ def load_synthetic_series(image_size: int = 16, in_channels: int = 3, num_classe
         score = (events - 500) / 100 + REGION_EFFECT[region]  # what the metadata says
         if signal == "motion":
             labels = torch.randint(2, (n,), generator=generator)  # 0: right, 1: left
-            travel = step * (frames - 1)
-            if travel > image_size - blob:
-                raise ValueError(f"data.source.step={step}: {frames} frames carry a {blob} px blob {travel} px, past "
-                                 f"the {image_size} px image: lower data.source.step or data.source.frames")
-            first = torch.randint(0, image_size - blob - travel + 1, (n,), generator=generator).float()
+            if not 0 < step * 2 < image_size:
+                raise ValueError(f"data.source.step={step}: on a {image_size} px periodic image a step must be "
+                                 f"in [1, {(image_size - 1) // 2}] px to tell right from left")
+            start = torch.randint(0, image_size, (n,), generator=generator).float()
             direction = 1.0 - 2.0 * labels.float()
-            start = first + labels.float() * travel  # left: the right-moving clip from its last frame
-            columns = start[:, None] + direction[:, None] * step * torch.arange(frames)
+            columns = torch.remainder(start[:, None] + direction[:, None] * step * torch.arange(frames), image_size)
         elif signal == "metadata":
             labels = (score > 0).long() if kind == "classification" else score[:, None]
             columns = torch.randint(0, image_size - blob + 1, (n,), generator=generator).float()[:, None].expand(n, frames)
@@ -97,7 +95,7 @@ def load_synthetic_series(image_size: int = 16, in_channels: int = 3, num_classe
             change = torch.linspace(-1, 1, frames) * (1.0 - 2.0 * (1 - growing.float()))[:, None]  # (N, T)
             sizes = blob + 1.5 * change  # blob - 1.5 .. blob + 1.5 pixels, growing or shrinking
         images = noise * torch.randn(n, frames, in_channels, image_size, image_size, generator=generator) + 0.2
-        images += draw_blobs(rows, columns, sizes, image_size)[:, :, None] * paint(signal, band_weights)
+        images += draw_blobs(rows, columns, sizes, image_size, wrap=signal == "motion")[:, :, None] * paint(signal, band_weights)
         images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
         dates = EPOCH_2020 + torch.randint(0, 366, (n, 1), generator=generator).float() + torch.cat(
             [torch.zeros(n, 1), torch.randint(20, 41, (n, frames - 1), generator=generator).float().cumsum(1)], 1)
@@ -116,11 +114,14 @@ def load_synthetic_series(image_size: int = 16, in_channels: int = 3, num_classe
                   metadata_columns=["events", "population"], category_values={"region": list(REGIONS)})
 
 
-def draw_blobs(rows: torch.Tensor, columns: torch.Tensor, sizes: torch.Tensor, image_size: int) -> torch.Tensor:
-    """(N, T, H, W) masks of a square of side sizes[i, t] at (rows[i], columns[i, t]), anti-aliased at
-    fractional positions and sizes."""
+def draw_blobs(rows: torch.Tensor, columns: torch.Tensor, sizes: torch.Tensor, image_size: int,
+               wrap: bool = False) -> torch.Tensor:
+    """(N, T, H, W) masks of a square of side sizes[i, t] at (rows[i], columns[i, t]) (wrapping around the
+    width when `wrap`), anti-aliased at fractional positions and sizes."""
     pixels = torch.arange(image_size).float() + 1  # pixel k covers [k, k + 1): its right edge
     dx = pixels.view(1, 1, -1) - columns[..., None]  # (N, T, W)
+    if wrap:  # a blob past the right edge comes back in from the left
+        dx = torch.remainder(dx, image_size)
     width = sizes[..., None]
     in_x = (torch.minimum(dx, width) - torch.maximum(dx - 1, torch.zeros_like(dx))).clamp(0, 1)  # coverage
     dy = pixels.view(1, 1, -1) - rows.float().view(-1, 1, 1)  # (N, 1, H)

@@ -68,6 +68,7 @@ class SwinTransformer(timm_swin.SwinTransformer):
                          attn_drop_rate=attention_dropout, drop_path_rate=drop_path)
         self.grid_size = tuple(self.patch_embed.grid_size)  # the patch grid of the first stage
         self.depth = sum(depths)
+        self.in_channels = in_channels
 
     def last_block_name(self) -> str:
         return f"layers.{len(self.layers) - 1}.blocks.{len(self.layers[-1].blocks) - 1}"

@@ -169,7 +169,14 @@ class VisionTransformer(nn.Module):
         self.metadata = (metadata or partial(MetadataInput, fusion="none"))(dim=embed_dim, depth=depth,
                                                                             spec=metadata_spec)
 
-        self.patch_embed = PatchEmbed(image_size, patch_size, patch_stride, in_channels, embed_dim)
+        # model/temporal (none unless given: frames averaged); built before the patch embedding, which takes the
+        # bands of every frame of its tubelets (factorised with tubelet_size > 1)
+        self.temporal = (temporal or FrameAverage)(dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                                                   norm=norm, qkv_bias=qkv_bias, dropout=dropout,
+                                                   attention_dropout=attention_dropout)
+        self.in_channels = in_channels  # of one frame
+        self.patch_embed = PatchEmbed(image_size, patch_size, patch_stride, in_channels * self.temporal.tubelet_size,
+                                      embed_dim)
         self.grid_size = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pooling == "cls" else None
         self.pos_embed = pos_embed(self.grid_size, self.num_cls_tokens, embed_dim)  # cls and patches
@@ -226,10 +233,6 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"model/early_exit={self.early_exit.name} exits with class logits of the linear head, "
                              f"but this run's task gives its own heads (segmentation, multi-task or "
                              f"task.aux_heads): use model/early_exit=none with it")
-        # model/temporal (none unless given: frames averaged)
-        self.temporal = (temporal or FrameAverage)(dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                                                   norm=norm, qkv_bias=qkv_bias, dropout=dropout,
-                                                   attention_dropout=attention_dropout)
         if self.token_pruning.name != "none" and isinstance(self.temporal, DividedSpaceTime):
             raise ValueError(f"model/token_pruning={self.token_pruning.name} prunes each frame's tokens apart, but "
                              f"model/temporal=divided attends across frames token by token: use "
@@ -298,10 +301,11 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def read_inputs(self, x) -> tuple[torch.Tensor, Clip]:
-        """A batch (images, frames, or Inputs) -> (every frame as an image (B * T, C, H, W), its Clip)."""
+        """A batch (images, frames, or Inputs) -> (every frame as an image (B * T, C, H, W), its Clip); with
+        tubelets (model/temporal=factorised), every tubelet's frames stacked band-wise."""
         images, inputs = unpack(x)
         frames = inputs.images.shape[1] if inputs.images.dim() == 5 else 1
-        return images, Clip(frames, inputs.dates, self.metadata.encode(inputs))
+        return self.temporal.tubelets(images, Clip(frames, inputs.dates, self.metadata.encode(inputs)))
 
     def pool(self, tokens: torch.Tensor, clip: Clip) -> torch.Tensor:
         """Every frame's tokens (B * T, N, D) -> each sample's vector (B, D): pooled per frame (forward_head),

@@ -33,6 +33,13 @@ def frame_attention(model, batch, layer: int = -1):
     maps = patch_attention_maps([spatial[layer % len(spatial)]], model.num_prefix_tokens, model.grid_size)
     maps = clip.by_sample(maps[:, 0].mean(dim=1))  # (B * T, nh, gh, gw) -> (B, T, gh, gw)
     weights = model.temporal.frame_weights(temporal, clip, maps.shape[0])
+    k = model.temporal.tubelet_size  # a tubelet's map and weight stand for each of its frames
+    if k > 1:
+        images = batch.images if isinstance(batch, Inputs) else batch
+        frames = images.shape[1] if images.dim() == 5 else 1
+        maps = maps.repeat_interleave(k, dim=1)[:, :frames]
+        weights = weights.repeat_interleave(k, dim=1)[:, :frames]
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return outputs, maps, weights.to(maps.device)
 
 

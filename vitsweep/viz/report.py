@@ -94,7 +94,7 @@ class FigureReport:
     def check(self, model) -> None:
         """Fail now, not after training, when an option does not fit the model: the layer, the
         methods, the bands, image files for a model that takes other than 1 or 3 bands, a missing file."""
-        in_channels = model.patch_embed.proj.in_channels
+        in_channels = model.in_channels  # of one image (or frame)
         if keeps_token_grid(model):
             depth = len(model.blocks)
             if not -depth <= self.layer < depth:
