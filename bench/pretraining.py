@@ -10,6 +10,10 @@ checkpoint. Decoding the folder into the cache happens once, before either, and 
 Each arm's cosine schedule (warmup 0.1 epoch) runs over its --*-epochs: pick them to about fill the minutes.
 
     python bench/pretraining.py --root ~/datasets/cifar10-jpeg --pretrain-minutes 3 --finetune-minutes 3
+    taskset -c 1 python bench/pretraining.py --root ~/datasets/cifar10-jpeg --threads 1 ...   # one core of two
+
+On a machine shared with other work, pin the bench to a core of its own (taskset) with --threads 1: both
+arms then get the same CPU minutes, whatever runs on the other cores.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
-def run(root: Path, args: list[str], job_dir: Path, workdir: Path, cache_dir: Path, minutes: float, epochs: int) -> dict:
+def run(root: Path, args: list[str], job_dir: Path, workdir: Path, cache_dir: Path, minutes: float, epochs: int,
+        threads: int | None) -> dict:
     """One `python run.py` job of `minutes` of training; its summary.json and the job's wall seconds."""
     cmd = [sys.executable, str(ROOT / "run.py"), "data=imagefolder", f"data.root={root}", "data.image_size=32",
            f"data.mean={MEAN}", f"data.std={STD}", "model=vit_cpu", "augment=basic", f"trainer.max_epochs={epochs}", "scheduler.warmup_epochs=0.1",
            f"trainer.max_time={minutes * 60}", "trainer.progress_bar=false", "logger=none",
-           "viz.enabled_at_end=false", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={job_dir}", *args]
+           "viz.enabled_at_end=false", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={job_dir}",
+           *([f"threads={threads}"] if threads else []), *args]
     start = time.time()
     subprocess.run(cmd, check=True, cwd=workdir)
     summary = json.loads((job_dir / "summary.json").read_text())
@@ -49,6 +55,7 @@ def main():
     parser.add_argument("--scratch-epochs", type=int, default=2, help="the from-scratch run's schedule length")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "vitsweep-bench",
                         help="decoded images, kept between runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per job (default: all cores)")
     args = parser.parse_args()
     root = args.root.expanduser()
 
@@ -60,12 +67,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pretrain = run(root, ["mode=pretrain", f"pretrain={args.method}"], tmp / "pretrain", tmp, args.cache_dir,
-                       args.pretrain_minutes, args.pretrain_epochs)
+                       args.pretrain_minutes, args.pretrain_epochs, args.threads)
         best = tmp / "pretrain" / "checkpoints" / "best.pt"
         finetune = run(root, [f"model.pretrained={best}", "model.trainable=all"], tmp / "finetune", tmp, args.cache_dir,
-                       args.finetune_minutes, args.finetune_epochs)
+                       args.finetune_minutes, args.finetune_epochs, args.threads)
         scratch = run(root, [], tmp / "scratch", tmp, args.cache_dir, args.pretrain_minutes + args.finetune_minutes,
-                      args.scratch_epochs)
+                      args.scratch_epochs, args.threads)
 
     report = finetune["pretrained"]
     print(f"pretrain={args.method}: {pretrain['steps']} steps, {pretrain['epochs_completed']} epochs, "
@@ -80,7 +87,6 @@ def main():
               f"jobs' wall {job_s:.0f}s")
     difference = finetune["metrics"]["test/acc"] - scratch["metrics"]["test/acc"]
     print(f"difference (pretrained - scratch): {difference * 100:+.2f} points of test accuracy")
-
 
 
 if __name__ == "__main__":
