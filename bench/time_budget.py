@@ -87,14 +87,16 @@ def peer(root: Path, budget_s: float, workers: int, batch_size: int = 128, base_
             "load": (load_before, os.getloadavg()[0])}
 
 
-def vitsweep(root: Path, budget_s: float, workdir: Path, overrides: list[str]) -> dict:
+def vitsweep(root: Path, budget_s: float, workdir: Path, overrides: list[str], nproc: int = 1) -> dict:
     # decoding the folder into the cache happens once per dataset; it is charged to the budget
     from vitsweep.data.imagefolder import load_imagefolder
     start, load_before = time.time(), os.getloadavg()[0]
     load_imagefolder(str(root), 32, 3, cache_dir=str(workdir / "cache"))
     decode_s = time.time() - start
     run_dir = workdir / f"run_{budget_s:g}"
-    cmd = [sys.executable, str(ROOT / "run.py"), "experiment=cifar10_cpu", "data=imagefolder", f"data.root={root}",
+    launcher = [sys.executable] if nproc == 1 else [  # data-parallel on the CPU cores: torchrun, one thread a rank
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, str(ROOT / "run.py"), "experiment=cifar10_cpu", "data=imagefolder", f"data.root={root}",
            f"trainer.max_time={max(1.0, budget_s - decode_s):.1f}", "trainer.progress_bar=false", "logger=none",
            "viz.enabled_at_end=false", f"paths.cache_dir={workdir / 'cache'}", f"hydra.run.dir={run_dir}", *overrides]
     subprocess.run(cmd, check=True, cwd=workdir)
@@ -111,13 +113,15 @@ def main():
     parser.add_argument("--root", type=Path, required=True, help="the CIFAR-10 class-per-folder tree")
     parser.add_argument("--budgets", type=float, nargs="+", default=[120, 240, 600], help="seconds of training")
     parser.add_argument("--workers", type=int, default=2, help="the peer's DataLoader workers")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="vitsweep's processes: 1 = python run.py, N > 1 = torchrun --nproc_per_node N")
     parser.add_argument("overrides", nargs="*", help="extra overrides for the vitsweep run (e.g. seed=1)")
     args = parser.parse_args()
     root = args.root.expanduser()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in args.budgets:
-            ours = vitsweep(root, budget, Path(tmp), args.overrides)
+            ours = vitsweep(root, budget, Path(tmp), args.overrides, args.nproc)
             theirs = peer(root, budget, args.workers)
             results.append((budget, ours, theirs))
             for name, r in (("vitsweep", ours), ("timm+torchvision", theirs)):

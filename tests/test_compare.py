@@ -280,6 +280,7 @@ def test_compare_dir_of_wandb_offline_runs_only(tmp_path, monkeypatch, capsys):
         else:  # as vitsweep's WandbLogger.finish records a failure
             run.summary["error"] = "RuntimeError: loss is nan"
         run.finish(exit_code=exit_code)
+    wandb.teardown()  # wait for W&B's service to write every record of the runs before reading them back
 
     # a job dir keeps its own W&B run too; compare must count that job once, from summary.json
     (first_run,) = [path for path in (wandb_root / "wandb").glob("offline-run-*") if path.is_dir()][:1]
@@ -318,6 +319,7 @@ def test_wandb_runs_without_overrides_use_flat_config_and_its_monitor(tmp_path, 
         for epoch, val_loss in enumerate(val_losses):
             run.log({"epoch": epoch, "val/loss": val_loss})
         run.finish()
+    wandb.teardown()  # the runs complete on disk before compare reads them (this failed once in a loaded suite)
 
     assert main([str(wandb_root)]) == 0
     header, rows = table_rows(capsys.readouterr().out, "run")
