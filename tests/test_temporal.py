@@ -202,13 +202,15 @@ def test_clip_helpers_move_between_samples_and_frames():
     assert math.isclose(float(clip.by_sample(per_frame).sum()), float(values.sum() * 3))
 
 
-@pytest.mark.parametrize("temporal", list(TEMPORAL))
-def test_attention_over_frames_gives_a_map_per_frame_and_weights_that_sum_to_one(temporal, tmp_path):
+@pytest.mark.parametrize("temporal,tubelet_size", [("none", 1), ("factorised", 1), ("factorised", 2), ("divided", 1),
+                                                   ("divided", 2)])
+def test_attention_over_frames_gives_a_map_per_frame_and_weights_that_sum_to_one(temporal, tubelet_size, tmp_path):
+    """With tubelets (3 frames: tubelets (0, 1) and (2, 2)), each frame shows its tubelet's map and weight."""
     from vitsweep.viz.figures import save_figure
     from vitsweep.viz.frames import frame_attention, frames_figure
 
     torch.manual_seed(0)
-    clip_model = model(temporal)
+    clip_model = VisionTransformer(**SHAPE, temporal=partial(TEMPORAL[temporal], tubelet_size=tubelet_size)).eval()
     frames = torch.randn(2, 3, 3, 16, 16)
     outputs, maps, weights = frame_attention(clip_model, frames)
     torch.testing.assert_close(outputs, clip_model(frames))
@@ -216,6 +218,8 @@ def test_attention_over_frames_gives_a_map_per_frame_and_weights_that_sum_to_one
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(2))
     if temporal == "none":  # a plain mean of the frames
         torch.testing.assert_close(weights, torch.full((2, 3), 1 / 3))
+    if tubelet_size == 2:  # frames 0 and 1 share a tubelet
+        assert torch.equal(maps[:, 0], maps[:, 1]) and torch.equal(weights[:, 0], weights[:, 1])
     figure = frames_figure(frames, maps, weights, ["a", "b"])
     assert save_figure(figure, tmp_path / "frames.png").stat().st_size > 0
 
