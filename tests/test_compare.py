@@ -476,6 +476,22 @@ def test_learning_rates_get_a_log_axis_with_readable_ticks(tmp_path, learning_ra
     assert len(curves.collections) >= len(learning_rates[:8])
 
 
+def test_curve_legend_names_the_keys_that_tell_the_settings_apart(tmp_path):
+    """An Optuna sweep's trials share most keys: the legend names those that differ, not a cut-off list."""
+    sweep = tmp_path / "search"
+    trials = [(4, "cls", "0.002", 0.62), (4, "mean", "0.003", 0.63), (4, "mean", "0.005", 0.61),
+              (8, "mean", "0.004", 0.45)]  # the patch-8 trial scores lowest and is left grey
+    for number, (patch, pooling, lr, best) in enumerate(trials):
+        overrides = [f"model.patch_size={patch}", "model.embed_dim=64", "model.depth=4", f"model.pooling={pooling}",
+                     f"optimizer.lr={lr}", "data.batch_size=128"]
+        write_job(sweep / str(number), overrides, best, "completed")
+    runs = discover_runs(sweep)
+    assert "model.patch_size" in swept_keys(runs)
+    curves = compare.comparison_figure(runs, swept_keys(runs), highlighted=3).axes[0]
+    labels = sorted(text.get_text() for text in curves.get_legend().get_texts())
+    assert labels == ["pooling=cls, lr=0.002", "pooling=mean, lr=0.003", "pooling=mean, lr=0.005"]
+
+
 def test_long_category_names_do_not_overlap(tmp_path):
     sweep = tmp_path / "attention"
     names = ["full", "local_with_a_long_name", "windowed_shifted_variant", "sparse_axial_pattern",

@@ -527,8 +527,13 @@ def short_value(value: str) -> str:
     return f"{number[0]:.3g}" if number and not value.lstrip("-").isdigit() else value  # an Optuna lr: 0.000905
 
 
-def setting_label(settings: dict[str, str], width: int = 40) -> str:
-    """'depth=4, lr=0.01': each key's last part, numbers to 3 digits; cut to `width` characters."""
+def setting_label(settings: dict[str, str], width: int = 40, among: list[dict[str, str]] | None = None) -> str:
+    """'depth=4, lr=0.01': each key's last part, numbers to 3 digits; cut to `width` characters. With
+    `among` (the settings labelled beside it), only the keys whose values differ among those: a legend of
+    eight trials that share most of their keys then names what tells them apart."""
+    if among:
+        differing = [key for key in settings if len({other.get(key) for other in among}) > 1]
+        settings = {key: settings[key] for key in differing} or settings
     label = ", ".join(f"{short_key(key)}={short_value(value)}" for key, value in settings.items()) or "all runs"
     return label if len(label) <= width else label[: width - 1] + "…"
 
@@ -637,7 +642,8 @@ def comparison_figure(runs: list[Run], swept: list[str], highlighted: int = 8):
         n = len(members)
         style = {"linestyle": "--" if failed else "-", "marker": ".", "zorder": 3 + len(groups) - rank}
         if rank < highlighted:
-            style["label"] = f"{setting_label(settings)} (n={n})" if n > 1 else setting_label(settings)
+            label = setting_label(settings, among=[other for other, _ in groups[:highlighted]])
+            style["label"] = f"{label} (n={n})" if n > 1 else label
             style["color"] = f"C{rank % 10}"
         else:
             style.update(color="0.75", linewidth=0.8, marker=None)
@@ -729,7 +735,8 @@ def cost_figure(runs: list[Run], swept: list[str]):
                       fmt="o", color="tab:red", capsize=3, label="Pareto front")
         axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "-", color="tab:red", alpha=0.6)
         for i in front[:8]:  # name the front's settings (the rest are in the table)
-            axes.annotate(setting_label(groups[i][0], width=32), points[i], textcoords="offset points",
+            name = setting_label(groups[i][0], width=32, among=[groups[j][0] for j in front[:8]])
+            axes.annotate(name, points[i], textcoords="offset points",
                           xytext=(6, -10), fontsize="x-small", color="tab:red")
         set_numeric_axis(axes, [x for x, _ in points])
         better = "lower" if lower_is_better else "higher"
