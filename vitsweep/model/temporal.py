@@ -22,7 +22,7 @@ consecutive frames together, their bands stacked into one patch embedding (a t x
 already sees how its patch changes between those frames; the temporal component then works on the tubelets
 as it would on frames. A short last tubelet repeats its last frame, and an image (T = 1) fills one tubelet.
 With one frame per token (tubelet_size=1) neither learned the direction of a moving blob from scratch here
-(tests/test_temporal_learning.py): a frame's pooled vector hardly depends on where the blob is at init, and
+(the task of tests/test_temporal_learning.py, which tests the default of 2): a frame's pooled vector hardly depends on where the blob is at init, and
 the direction needs two frames compared at the right places, a product of small weights to start from.
 With tubelets of 2 both learn it within a few epochs; `none` never does (a bag of frames).
 

@@ -170,7 +170,7 @@ class VisionTransformer(nn.Module):
                                                                             spec=metadata_spec)
 
         # model/temporal (none unless given: frames averaged); built before the patch embedding, which takes the
-        # bands of every frame of its tubelets (factorised with tubelet_size > 1)
+        # bands of every frame of its tubelets (factorised or divided with tubelet_size > 1)
         self.temporal = (temporal or FrameAverage)(dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
                                                    norm=norm, qkv_bias=qkv_bias, dropout=dropout,
                                                    attention_dropout=attention_dropout)
@@ -302,7 +302,7 @@ class VisionTransformer(nn.Module):
 
     def read_inputs(self, x) -> tuple[torch.Tensor, Clip]:
         """A batch (images, frames, or Inputs) -> (every frame as an image (B * T, C, H, W), its Clip); with
-        tubelets (model/temporal=factorised), every tubelet's frames stacked band-wise."""
+        tubelets (model.temporal.tubelet_size > 1), every tubelet's frames stacked band-wise."""
         images, inputs = unpack(x)
         frames = inputs.images.shape[1] if inputs.images.dim() == 5 else 1
         return self.temporal.tubelets(images, Clip(frames, inputs.dates, self.metadata.encode(inputs)))
