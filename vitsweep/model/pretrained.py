@@ -85,12 +85,22 @@ class LoadReport:
 
 # --------------------------------------------------------------------------- timm -> vitsweep names
 
+def _refuse_conv_stem(model: nn.Module, source: str) -> None:
+    stem = getattr(getattr(model, "patch_embed", None), "stem", None)
+    if isinstance(stem, nn.Sequential):
+        channels = [m.out_channels for m in stem if isinstance(m, nn.Conv2d)]
+        raise PretrainedLoadError(f"model.pretrained={source} holds timm ViT weights, whose patch embedding is one "
+                                  f"linear projection, not model.conv_stem={channels}: set model.conv_stem=[] to "
+                                  f"start from them, or train the stem from scratch (model.pretrained=null)")
+
+
 def convert_timm_state_dict(timm_sd: dict, model: nn.Module,
                             report: LoadReport | None = None) -> dict[str, torch.Tensor]:
     """Rename a timm `VisionTransformer` state dict to vitsweep's names. Shapes are not touched here
     (see `adapt_state_dict`), except that a timm `no_embed_class` position embedding gets a zero row
     for the cls position, which is what "no embedding for cls" means in our layout."""
     report = report if report is not None else LoadReport("timm state dict")
+    _refuse_conv_stem(model, report.source)
     timm_sd = _unwrap(timm_sd)
     unknown = [k for k in timm_sd if k not in _TIMM_TOP_KEYS
                and not _TIMM_BLOCK_KEY.fullmatch(k) and not _TIMM_LAYER_SCALE_KEY.fullmatch(k)]
@@ -286,6 +296,7 @@ def load_pretrained(model: nn.Module, source: str, strict_shapes: bool = True) -
     Prints and returns a `LoadReport` of what was adapted."""
     report = LoadReport(source)
     if source.startswith(TIMM_PREFIX):
+        _refuse_conv_stem(model, source)  # before the download
         state_dict = convert_timm_state_dict(_timm_hub_state_dict(source[len(TIMM_PREFIX):]), model, report)
     else:
         state_dict, is_vitsweep = _read_weights_file(source)

@@ -26,7 +26,7 @@ Attention maps are collected with `vitsweep.model.attention.record_attention`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -51,9 +51,15 @@ def _pair(v) -> tuple[int, int]:
 
 class PatchEmbed(nn.Module):
     """Cut the image into patch_size x patch_size patches every `stride` pixels (stride below the
-    patch size: overlapping patches) and project each to `dim` with one strided convolution."""
+    patch size: overlapping patches) and project each to `dim` with one strided convolution.
 
-    def __init__(self, image_size, patch_size: int, stride: int | None, in_channels: int, dim: int):
+    With `conv_stem` channel counts (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"),
+    3x3 stride-2 convolutions, each followed by BatchNorm and ReLU, halve the image once per entry until one
+    pixel of their output stands for one patch; a 1x1 convolution (`proj`) then projects it to `dim`. The
+    tokens keep their patch grid; each one also sees a border of its neighbours' pixels."""
+
+    def __init__(self, image_size, patch_size: int, stride: int | None, in_channels: int, dim: int,
+                 conv_stem: Sequence[int] = ()):
         super().__init__()
         stride = stride or patch_size
         h, w = _pair(image_size)
@@ -64,14 +70,42 @@ class PatchEmbed(nn.Module):
                 raise ValueError(
                     f"model.patch_size={patch_size} (stride {stride}) does not tile image {name} {side}: {hint}"
                 )
+        conv_stem = [int(c) for c in conv_stem or ()]
+        if conv_stem and (2 ** len(conv_stem) != patch_size or stride != patch_size):
+            raise ValueError(f"model.conv_stem={conv_stem} halves the image {len(conv_stem)} times, which makes "
+                             f"{2 ** len(conv_stem)} px patches, not model.patch_size={patch_size} (stride {stride}): "
+                             f"give one channel count per halving, log2(patch_size) of them (e.g. [32, 64] for "
+                             f"patch 4), with model.patch_stride=null")
+        if any(c < 1 for c in conv_stem):
+            raise ValueError(f"model.conv_stem={conv_stem}: channel counts must be at least 1")
         self.image_size = (h, w)
+        self.patch_size, self.stride = (patch_size, patch_size), (stride, stride)  # in pixels, stem or not
+        self.in_channels = in_channels
         self.grid_size = ((h - patch_size) // stride + 1, (w - patch_size) // stride + 1)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.flattened_patch_dim = patch_size * patch_size * in_channels
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=stride)
+        stem, channels = [], in_channels
+        for out in conv_stem:
+            stem += [nn.Conv2d(channels, out, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+                     nn.ReLU(inplace=True)]
+            channels = out
+        self.stem = nn.Sequential(*stem) if stem else nn.Identity()
+        kernel = 1 if stem else patch_size
+        self.proj = nn.Conv2d(channels, dim, kernel_size=kernel, stride=1 if stem else stride)
+
+    def grid(self, x):  # (B, C, H, W) -> (B, dim, gh, gw), for any size the patches tile
+        return self.proj(self.stem(x))
 
     def forward(self, x):  # (B, C, H, W)
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, gh*gw, dim)
+        return self.grid(x).flatten(2).transpose(1, 2)  # (B, gh*gw, dim)
+
+
+def patch_pixels(patch_embed: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The pixels each patch token stands for, (kernel (h, w), stride (h, w)): this ViT's PatchEmbed says so
+    (its `proj` is a 1x1 convolution after a conv stem); timm's (Swin) is the one strided convolution."""
+    if isinstance(patch_embed, PatchEmbed):
+        return patch_embed.patch_size, patch_embed.stride
+    return tuple(patch_embed.proj.kernel_size), tuple(patch_embed.proj.stride)
 
 
 class Mlp(nn.Module):
@@ -134,6 +168,7 @@ class VisionTransformer(nn.Module):
         attention_dropout: float = 0.0,
         drop_path: float = 0.0,
         patch_stride: int | None = None,
+        conv_stem: Sequence[int] = (),
         pooling: str = "cls",
         norm_placement: str = "pre",
         qkv_bias: bool = True,
@@ -176,7 +211,7 @@ class VisionTransformer(nn.Module):
                                                    attention_dropout=attention_dropout)
         self.in_channels = in_channels  # of one frame
         self.patch_embed = PatchEmbed(image_size, patch_size, patch_stride, in_channels * self.temporal.tubelet_size,
-                                      embed_dim)
+                                      embed_dim, conv_stem)
         self.grid_size = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pooling == "cls" else None
         self.pos_embed = pos_embed(self.grid_size, self.num_cls_tokens, embed_dim)  # cls and patches

@@ -120,7 +120,7 @@ class DINOModel(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("teacher_updates", torch.zeros((), dtype=torch.int64))
         # the data's normalization, to jitter brightness in the stored values (set by DINO.setup)
-        channels = encoder.patch_embed.proj.in_channels
+        channels = encoder.patch_embed.in_channels
         self.register_buffer("pixel_mean", torch.zeros(1, channels, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.ones(1, channels, 1, 1), persistent=False)
         self.total_steps: int | None = None  # the momentum schedule's length (DINO.attach); None: constant
@@ -206,14 +206,12 @@ class DINOModel(nn.Module):
 
 def default_local_crop_size(encoder: nn.Module) -> int:
     """DINO's 96 px local crops for 224 px global ones (3/7), rounded to a size the patches tile."""
-    conv = encoder.patch_embed.proj
-    patch, stride = conv.kernel_size[0], conv.stride[0]
+    patch, stride = encoder.patch_embed.patch_size[0], encoder.patch_embed.stride[0]
     return patch + max(0, round((encoder.patch_embed.image_size[0] * 3 / 7 - patch) / stride)) * stride
 
 
 def check_crop_size(encoder: nn.Module, size: int) -> None:
-    conv = encoder.patch_embed.proj
-    patch, stride = conv.kernel_size[0], conv.stride[0]
+    patch, stride = encoder.patch_embed.patch_size[0], encoder.patch_embed.stride[0]
     if size < patch or (size - patch) % stride:
         raise ValueError(f"pretrain.local_crop_size={size} is not tiled by model.patch_size={patch} (stride {stride}): "
                          f"use {patch} + a multiple of {stride}")

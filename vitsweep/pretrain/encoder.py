@@ -38,7 +38,7 @@ def check_plain_encoder(encoder: nn.Module, method: str) -> None:
 
 def patch_tokens(encoder: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patch embeddings (B, P, D) of images of any size the patch grid tiles, and that grid (gh, gw)."""
-    grid = encoder.patch_embed.proj(images)  # (B, D, gh, gw)
+    grid = encoder.patch_embed.grid(images)  # (B, D, gh, gw)
     return grid.flatten(2).transpose(1, 2), tuple(grid.shape[-2:])
 
 

@@ -74,8 +74,7 @@ class MaskedAutoencoder(nn.Module):
             raise ValueError(f"pretrain.mask_ratio={mask_ratio} hides {self.num_patches - self.num_visible} of "
                              f"{self.num_patches} patches: hide at least one and keep at least one")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        conv = encoder.patch_embed.proj
-        self.patch_size, self.stride = conv.kernel_size[0], conv.stride[0]
+        self.patch_size, self.stride = encoder.patch_embed.patch_size[0], encoder.patch_embed.stride[0]
         self.image_size = tuple(encoder.patch_embed.image_size)
         prefix = encoder.num_prefix_tokens
 
@@ -88,7 +87,7 @@ class MaskedAutoencoder(nn.Module):
             Block(decoder_dim, decoder_num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
             for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, conv.in_channels * self.patch_size**2)
+        self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_embed.in_channels * self.patch_size**2)
         nn.init.normal_(self.mask_token, std=0.02)
         for module in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(module, nn.Linear):

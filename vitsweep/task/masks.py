@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vitsweep.data.splits import IGNORE_INDEX
+from vitsweep.model.vit import patch_pixels
 
 
 def patch_labels(masks: torch.Tensor, num_classes: int, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
@@ -28,8 +29,7 @@ class MaskLabels:
         self.kernel, self.stride = None, None
 
     def fit_to(self, model) -> None:
-        proj = model.patch_embed.proj  # the pixels each patch token stands for
-        self.kernel, self.stride = tuple(proj.kernel_size), tuple(proj.stride)
+        self.kernel, self.stride = patch_pixels(model.patch_embed)  # the pixels each patch token stands for
 
     def __call__(self, masks: torch.Tensor) -> torch.Tensor:
         if self.granularity == "patch":

@@ -20,6 +20,7 @@ from captum.attr import GradientShap, IntegratedGradients, LayerGradCam, Lime, S
 from torch import nn
 
 from vitsweep.model.early_exit import record_exits
+from vitsweep.model.vit import patch_pixels
 from vitsweep.viz.attention import attention_rollout, collect_attentions, eval_mode, rollout_patch_map
 
 
@@ -93,7 +94,7 @@ def gradcam(model, images, targets, block: int = -1) -> torch.Tensor:
 def patch_feature_mask(model, height: int, width: int) -> torch.Tensor:
     """(1, 1, H, W) long: the index of the patch each pixel belongs to (for overlapping patches,
     the last patch that starts at or before it). Groups pixels into one superpixel per token."""
-    stride_h, stride_w = model.patch_embed.proj.stride
+    _, (stride_h, stride_w) = patch_pixels(model.patch_embed)
     grid_h, grid_w = model.grid_size
     rows = (torch.arange(height) // stride_h).clamp(max=grid_h - 1)  # (H,)
     cols = (torch.arange(width) // stride_w).clamp(max=grid_w - 1)  # (W,)
@@ -125,7 +126,7 @@ def rollout(model, images, targets=None) -> torch.Tensor:
 def to_patch_grid(pixel_map: torch.Tensor, model) -> torch.Tensor:
     """A pixel map (B, H, W) summed over each patch's pixels: (B, gh, gw). For non-overlapping
     patches the total is kept, so IG's completeness holds per token too."""
-    (patch_h, patch_w), stride = model.patch_embed.proj.kernel_size, model.patch_embed.proj.stride
+    (patch_h, patch_w), stride = patch_pixels(model.patch_embed)
     summed = F.avg_pool2d(pixel_map[:, None], kernel_size=(patch_h, patch_w), stride=stride) * (patch_h * patch_w)
     return summed[:, 0]
 
