@@ -128,6 +128,22 @@ def test_table_is_sorted_best_first_with_swept_columns(sweep_dir, capsys):
     assert rows[-1][5:7] == ["-", "-"]  # the failed job has no test metrics
 
 
+def test_tables_show_an_optuna_lr_to_four_significant_digits(tmp_path, capsys):
+    sweep = tmp_path / "search"
+    for number, (lr, seed, best) in enumerate([("0.0017108329210577344", 0, 0.7), ("0.0017108329210577344", 1, 0.72),
+                                               ("3e-4", 0, 0.6), ("0.003", 0, 0.65)]):
+        write_job(sweep / str(number), ["data=digits", f"optimizer.lr={lr}", "model.depth=2", f"seed={seed}"], best,
+                  "completed")
+    assert main([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    _, rows = table_rows(printed, "run")
+    assert [row[1] for row in rows] == ["0.001711", "0.001711", "0.003", "0.0003"]
+    assert [row[2] for row in rows] == ["1", "0", "0", "0"]  # the seeds: integers as they are
+    _, groups = table_rows(printed, "optimizer.lr")
+    assert [row[0] for row in groups] == ["0.001711", "0.003", "0.0003"]  # the seed group, then the others
+    assert "0.0017108329210577344" not in printed
+
+
 def test_reads_validation_curve_without_the_final_test_row(sweep_dir):
     runs = {run.name: run for run in discover_runs(sweep_dir)}
     curve = runs["12-00-00/4"].curve

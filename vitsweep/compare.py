@@ -336,7 +336,7 @@ def run_table(runs: list[Run], swept: list[str], metrics: list[str]) -> str:
     rows = [
         [
             run.name,
-            *(run.overrides.get(key, DEFAULT) for key in swept),
+            *(short_value(run.overrides.get(key, DEFAULT), 4) for key in swept),
             *(format_value(column, metric_value(run, column)) for column in metrics),
             run.status,
             format_number(run.wall_time_s, 1),
@@ -424,7 +424,7 @@ def group_table(groups: list[tuple[dict[str, str], list[Run]]], metrics: list[st
     header = [*keys, *map(column_header, metrics), "vs best", "runs", "wall_time_s"]
     rows = []
     for (settings, members), versus in zip(groups, versus_best(groups)):
-        cells = [settings[key] for key in keys]
+        cells = [short_value(settings[key], 4) for key in keys]
         for column in metrics:
             stats = group_stats(members, column)
             if stats is None:
@@ -522,9 +522,11 @@ def short_key(key: str) -> str:
     return re.split(r"[./]", key)[-1]  # "optimizer.lr" -> "lr", "model/attention" -> "attention"
 
 
-def short_value(value: str) -> str:
+def short_value(value: str, digits: int = 3) -> str:
+    """A swept value as shown: a non-integer number to `digits` significant digits (an Optuna lr,
+    0.0017108329210577344: 0.00171), anything else as it is."""
     number = as_numbers([value])
-    return f"{number[0]:.3g}" if number and not value.lstrip("-").isdigit() else value  # an Optuna lr: 0.000905
+    return f"{number[0]:.{digits}g}" if number and not value.lstrip("-").isdigit() else value
 
 
 def setting_label(settings: dict[str, str], width: int = 40, among: list[dict[str, str]] | None = None) -> str:
