@@ -36,6 +36,7 @@ OPTIONS = {
     "pos_embed_none": {"defaults": [{"override /model/pos_embed": "none"}]},
     "dropouts": {"model": {"dropout": 0.1, "attention_dropout": 0.1, "drop_path": 0.1}},
     "image_patch_channels": {"data": {"image_size": 24, "in_channels": 5}, "model": {"patch_size": 8}},
+    "conv_stem": {"model": {"conv_stem": [8, 16]}},
     "optimizer_sgd": {"defaults": [{"override /optimizer": "sgd"}]},
     "optimizer_lamb": {"defaults": [{"override /optimizer": "lamb"}]},
     "lr_weight_decay": {"optimizer": {"lr": 5.0e-4, "weight_decay": 0.0}},
@@ -59,6 +60,8 @@ OPTIONS = {
     "task_segmentation_pup": {"defaults": [{"override /task": "segmentation"}], "task": {"decoder": "pup"}},
     "task_segmentation_patch": {"defaults": [{"override /task": "segmentation"}],
                                 "data": {"label_granularity": "patch"}},
+    "task_segmentation_patch_conv_stem": {"defaults": [{"override /task": "segmentation"}],  # labels on the patch grid
+                                          "data": {"label_granularity": "patch"}, "model": {"conv_stem": [8, 16]}},
     "task_multi_task": {"defaults": [{"override /task": "multi_task"}],
                         "task": {"weighting": "uncertainty",
                                  "heads": {"riot": {"type": "classification", "column": "riot"},
@@ -234,6 +237,7 @@ CHECKS = {
     "task_segmentation": task_metrics("segmentation", {"val/miou", "val/pixel_acc", "test/iou/class_1"}),
     "task_segmentation_pup": task_metrics("segmentation", {"val/miou"}),
     "task_segmentation_patch": task_metrics("segmentation", {"val/miou", "test/pixel_acc"}),
+    "task_segmentation_patch_conv_stem": task_metrics("segmentation", {"val/miou", "test/pixel_acc"}),
     "task_multi_task": task_metrics("multi_task", {"val/loss", "val/riot/acc", "val/crowd/rmse", "test/area/miou"},
                                     ("riot_confusion_matrix.png", "crowd_regression_scatter.png")),
     "aux_heads": trained_aux_heads,
@@ -244,6 +248,9 @@ CHECKS = {
     "pos_embed_none": params_vs_defaults(-17 * EMBED),
     # 8x8 patches of 5 bands instead of 4x4 of 3; a 3x3 grid (+cls) of positions instead of 4x4 (+cls)
     "image_patch_channels": params_vs_defaults(EMBED * (8 * 8 * 5 - 4 * 4 * 3) + EMBED * (10 - 17)),
+    # two 3x3 convolutions without bias, each with BatchNorm's weight and bias, then a 1x1 projection from 16
+    # channels, in place of the linear projection of 4x4x3 pixels
+    "conv_stem": params_vs_defaults(8 * 3 * 9 + 2 * 8 + 16 * 8 * 9 + 2 * 16 + EMBED * 16 - EMBED * 4 * 4 * 3),
     "defaults": warmup_then(1e-3),  # cosine's 1-epoch warmup is all of this 1-epoch run
     "optimizer_sgd": warmup_then(0.05),
     "optimizer_lamb": warmup_then(2e-3),
