@@ -86,9 +86,8 @@ class LoadReport:
 # --------------------------------------------------------------------------- timm -> vitsweep names
 
 def _refuse_conv_stem(model: nn.Module, source: str) -> None:
-    stem = getattr(getattr(model, "patch_embed", None), "stem", None)
-    if isinstance(stem, nn.Sequential):
-        channels = [m.out_channels for m in stem if isinstance(m, nn.Conv2d)]
+    channels = getattr(getattr(model, "patch_embed", None), "conv_stem", None)
+    if channels:
         raise PretrainedLoadError(f"model.pretrained={source} holds timm ViT weights, whose patch embedding is one "
                                   f"linear projection, not model.conv_stem={channels}: set model.conv_stem=[] to "
                                   f"start from them, or train the stem from scratch (model.pretrained=null)")

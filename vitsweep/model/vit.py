@@ -80,7 +80,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"model.conv_stem={conv_stem}: channel counts must be at least 1")
         self.image_size = (h, w)
         self.patch_size, self.stride = (patch_size, patch_size), (stride, stride)  # in pixels, stem or not
-        self.in_channels = in_channels
+        self.in_channels, self.conv_stem = in_channels, conv_stem  # conv_stem: [] for the linear embedding
         self.grid_size = ((h - patch_size) // stride + 1, (w - patch_size) // stride + 1)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.flattened_patch_dim = patch_size * patch_size * in_channels
