@@ -274,6 +274,88 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     assert read_summary(job_dir)["status"] == "interrupted"
 
 
+@pytest.fixture
+def job_in_process(tmp_path):
+    """run_job in this process on a composed config (job dir: tmp_path/run), with the signal handlers it
+    installs, and the interrupt state it leaves, put back afterwards."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from vitsweep.job import run_job
+    from vitsweep.trainer import interrupt
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.root_dir={ROOT}", "logger=none"], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a real job: the job's config without Hydra's own node
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield lambda mode: run_job(cfg, {"train": mode})
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    interrupt._state.__init__()
+
+
+def dead_rank(*args) -> None:
+    raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")  # what gloo raises on a dead rank
+
+
+def test_a_sigterm_while_the_failure_is_recorded_waits_for_the_record(job_in_process, tmp_path, monkeypatch):
+    """torchrun SIGTERMs the other ranks a fraction of a second after one dies: rank 0, already failing
+    on its collective, still writes summary.json `failed` (CI once caught it mid-write, left `running`)."""
+    from vitsweep.logger.run_logger import RunLogger
+
+    write_summary = RunLogger.write_summary
+
+    def signalled_midway(self):
+        if self.summary.get("status") == "failed":
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered at once, in this (the main) thread
+        write_summary(self)
+
+    monkeypatch.setattr(RunLogger, "write_summary", signalled_midway)
+    with pytest.raises(SystemExit) as ended:
+        job_in_process(dead_rank)
+    assert ended.value.code == 1
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "failed" and "Connection closed by peer" in summary["error"]
+
+
+def test_a_signal_raised_while_an_error_unwinds_records_the_error(job_in_process, tmp_path):
+    def failing_then_signalled(*args):
+        try:
+            dead_rank()
+        finally:  # the SIGTERM lands while the error unwinds the stack (a finally block, a context's exit)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as ended:
+        job_in_process(failing_then_signalled)
+    assert ended.value.code == 1
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "failed" and summary["error"].startswith("RuntimeError: Connection closed")
+
+
+def test_a_signal_to_a_healthy_job_still_records_interrupted(job_in_process, tmp_path, monkeypatch):
+    """The contrast: outside training, with no error under way, SIGTERM stops the job as `interrupted`."""
+    from vitsweep.trainer import interrupt
+
+    def exit_process(code):
+        raise SystemExit(code)  # exit_for ends the process with os._exit: here, this test's SystemExit
+
+    monkeypatch.setattr(interrupt.os, "_exit", exit_process)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)  # exit_for flushes the logs: keep pytest's open
+
+    def signalled(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as ended:
+        job_in_process(signalled)
+    assert ended.value.code == 128 + signal.SIGTERM
+    assert read_summary(tmp_path / "run")["status"] == "interrupted"
+
+
 def test_resume_true_continues_a_job_first_started_from_a_ckpt_path(tmp_path):
     """The README's resume command (ckpt_path=...) stopped too; resume=true with the job's own command
     is the same job, not 'another job'."""

@@ -8,6 +8,8 @@ SLURM requeue), threads per job, the run record's lifecycle, and the failure pol
   raises, and the study records a FAIL trial);
 - SIGTERM / SIGINT / a SLURM preemption (vitsweep/trainer/interrupt.py): last.pt at the current step,
   status `interrupted`, one line, exit 128 + signal (or submitit's requeue); `resume=true` continues it.
+  A signal that finds the job already failing (torchrun stops the other ranks when one dies) leaves
+  the record `failed`, with the error that came first.
 
 What each mode does is in `vitsweep.modes`; this module does not import it (the modes come in as an
 argument), so the two can be read apart.
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -214,7 +217,7 @@ def set_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(threads)
 
 
-def stop_on_signal(err: interrupt.Interrupted, job: JobRecord, logger: RunLogger):
+def stop_on_signal(err: interrupt.Interrupted, job: JobRecord, logger: RunLogger) -> NoReturn:
     """A signal stopped the job: record it as interrupted, finish the W&B run, say so in one line, and
     exit with 128 + signal, or let submitit requeue it (then the next attempt resumes by itself)."""
     requeue = interrupt.will_requeue(err)
@@ -261,12 +264,17 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
         value = modes[cfg.mode](cfg, job, logger)
     except BaseException as err:
         if isinstance(err, interrupt.Interrupted):
-            stop_on_signal(err, job, logger)
+            # a signal that came while an error unwound the stack: the job had failed (a dead DDP rank)
+            err = interrupt.failure_behind(err) or stop_on_signal(err, job, logger)
         bad_input = user_error(err)
         message = f"{type(bad_input or err).__name__}: {bad_input or err}"
-        logger.finish(status="failed", error=message)
+        with interrupt.held():  # a signal now (torchrun stopping the other ranks) waits for the record
+            logger.finish(status="failed", error=message)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or submitit requeueing a preempted job
             raise
+        if job.multirun and interrupt.requested():  # Ctrl-C while the failure was recorded: the sweep ends too
+            log.error("[job %s failed] %s", job.job_dir.name, message)
+            interrupt.stop("")
         if job.multirun:  # record and go on with the sweep
             log.error("[job %s failed] %s", job.job_dir.name, message, exc_info=bad_input is None)
             if "optuna" in job.sweeper.lower():

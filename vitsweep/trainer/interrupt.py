@@ -78,6 +78,25 @@ def at_step_boundaries() -> Iterator[None]:
         stop("the end of training (last.pt saved)")
 
 
+@contextmanager
+def held() -> Iterator[None]:
+    """Within this block a signal is noted, not acted on: a failed job is writing its record (under
+    torchrun, the launcher's SIGTERM follows a dead rank's error by a fraction of a second, and must not
+    cut summary.json's `failed` short). The caller goes on to exit; a second signal still aborts at once."""
+    outer, _state.deferring = _state.deferring, True
+    try:
+        yield
+    finally:
+        _state.deferring = outer
+
+
+def failure_behind(err: Interrupted) -> Exception | None:
+    """The error the job was already failing with when the signal came (the signal was raised while that
+    error unwound the stack), or None: a signal that stopped a job in good health."""
+    context = err.__context__
+    return context if isinstance(context, Exception) else None
+
+
 def _abort(signum: int) -> NoReturn:
     os.write(2, f"aborted: second {signal.Signals(signum).name}; exiting now, nothing more is saved\n".encode())
     if _state.on_abort is not None:
