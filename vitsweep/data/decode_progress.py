@@ -1,7 +1,7 @@
 """Progress of the first decode of an image folder or CSV, through logging.
 
 Decoding happens once per dataset (then the disk cache is read), but that once can be long: the 60,000
-CIFAR-10 JPEGs take about 20 s on two cores, a 100k-tile multispectral set minutes. Without a word the
+CIFAR-10 JPEGs take about 9 s on two cores, a 100k-tile multispectral set minutes. Without a word the
 job looks hung, so this logs a line when decoding starts, one every `interval_s` seconds (files done,
 files/s, ETA), and one at the end:
 
