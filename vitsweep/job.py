@@ -272,11 +272,10 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
             logger.finish(status="failed", error=message)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or submitit requeueing a preempted job
             raise
-        if job.multirun and interrupt.requested():  # Ctrl-C while the failure was recorded: the sweep ends too
-            log.error("[job %s failed] %s", job.job_dir.name, message)
-            interrupt.stop("")
         if job.multirun:  # record and go on with the sweep
             log.error("[job %s failed] %s", job.job_dir.name, message, exc_info=bad_input is None)
+            if interrupt.requested():  # Ctrl-C while the failure was recorded: the sweep ends too
+                interrupt.stop("")
             if "optuna" in job.sweeper.lower():
                 raise  # Optuna records a raising job as a FAIL trial, but a NaN value stops the whole search
             return float("nan")
