@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from vitsweep.modes import run  # imported here so `--help` and config errors answer instantly
+    from vitsweep.run.modes import run  # imported here so `--help` and config errors answer instantly
 
     return run(cfg)
 
@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun's other ranks never compose a config nor make a job dir: rank 0 shares its job with them
-        from vitsweep.modes import follow_rank0
+        from vitsweep.run.modes import follow_rank0
 
         follow_rank0()
         sys.exit(0)

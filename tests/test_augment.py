@@ -189,7 +189,7 @@ def test_none_is_the_identity_and_basic_is_pad_crop_flip():
 def test_bad_strengths_fail_with_the_key(op, override):
     with pytest.raises(InstantiationException) as failure:
         build(op, override)
-    cause = failure.value.__cause__  # what vitsweep.job prints as the one-line error
+    cause = failure.value.__cause__  # what vitsweep.run.job prints as the one-line error
     assert isinstance(cause, ValueError) and str(cause).startswith(override)
 
 

@@ -13,7 +13,7 @@ from conftest import ROOT, TINY_RUN, run_cli
 from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
-from vitsweep.job import PrepareSweepDir
+from vitsweep.run.job import PrepareSweepDir
 
 SEARCHES = sorted(path.stem for path in (ROOT / "conf" / "hparams_search").glob("*.yaml"))
 

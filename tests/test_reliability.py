@@ -59,7 +59,7 @@ def nonempty_lines(text: str) -> list[str]:
 # ------------------------------------------------------------------ 1. output dirs that cannot collide
 
 def test_claim_dir_gives_each_of_many_racing_threads_its_own_dir(tmp_path):
-    from vitsweep.output_dir import claim_dir
+    from vitsweep.run.output_dir import claim_dir
 
     barrier, claimed = threading.Barrier(8), []
 
@@ -282,7 +282,7 @@ def job_in_process(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from vitsweep.job import run_job
+    from vitsweep.run.job import run_job
     from vitsweep.trainer import interrupt
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -359,7 +359,7 @@ def test_a_signal_to_a_healthy_job_still_records_interrupted(job_in_process, tmp
 def test_resume_true_continues_a_job_first_started_from_a_ckpt_path(tmp_path):
     """The README's resume command (ckpt_path=...) stopped too; resume=true with the job's own command
     is the same job, not 'another job'."""
-    from vitsweep.job import earlier_attempt
+    from vitsweep.run.job import earlier_attempt
 
     (tmp_path / "summary.json").write_text(json.dumps({"status": "failed",
                                                        "overrides": ["seed=1", "ckpt_path=/old/last.pt"]}))

@@ -16,8 +16,8 @@ from test_config import REQUIRED, composed, group_options
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vitsweep"
 # components know nothing of what drives them: these packages never import the ones in HIGH
-LOW = {"model", "augment", "data", "metrics", "loss", "optimizer", "scheduler", "tasks", "pretrain"}
-HIGH = {"trainer", "job", "modes", "viz", "compare", "cli"}
+LOW = {"model", "augment", "data", "metrics", "loss", "optimizer", "scheduler", "task", "pretrain", "logger"}
+HIGH = {"trainer", "run", "viz", "compare", "cli"}
 
 
 def module_name(path: Path) -> str:

@@ -274,7 +274,7 @@ def test_resume_refuses_a_job_dir_of_another_job(tmp_path):
 
 
 def test_a_requeued_slurm_job_resumes(monkeypatch):
-    from vitsweep.job import requeued_by_slurm
+    from vitsweep.run.job import requeued_by_slurm
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     assert not requeued_by_slurm()
@@ -285,7 +285,7 @@ def test_a_requeued_slurm_job_resumes(monkeypatch):
 
 
 def test_earlier_attempt_matches_a_job_by_its_overrides_in_any_order(tmp_path):
-    from vitsweep.job import earlier_attempt
+    from vitsweep.run.job import earlier_attempt
 
     assert earlier_attempt(tmp_path, ["seed=1"]) is None  # never ran
     (tmp_path / "summary.json").write_text(json.dumps({"status": "running", "overrides": ["seed=1", "a=2"]}))

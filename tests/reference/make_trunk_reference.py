@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout's vitsweep/
 sys.path.insert(0, str(HERE))
 
-from cases import CASES, build_case, refusal, run_case  # noqa: E402
+from cases import CASES, build_case, refusal, run_case
 
 OUT = HERE / "trunk_reference.pt"
 

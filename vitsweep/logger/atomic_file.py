@@ -4,7 +4,7 @@ The bytes go to `<name>.tmp` in the same folder, are flushed to the disk (fsync)
 over `<name>`, and the folder's entry is synced too: after a crash or power loss the file is either the
 old one or the new one, never a prefix. A write that fails (a full disk, a quota, a vanished mount)
 removes its temp file, leaves the old file untouched, and raises OutputWriteError: one line naming the
-path and the reason (vitsweep.job prints it as `error: ...`, no traceback).
+path and the reason (vitsweep.run.job prints it as `error: ...`, no traceback).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class RunLogger:
         self.write_summary()
 
     def start_backend(self, config: dict, job) -> None:
-        """Open the backend's run for `job` (a vitsweep.job.JobRecord: its name, group, tags, and the
+        """Open the backend's run for `job` (a vitsweep.run.job.JobRecord: its name, group, tags, and the
         run id to resume); a backend that has run ids returns this one's."""
         if self.backend is not None:
             self.run_id = self.backend.start(config=config, job=job, job_dir=self.job_dir)

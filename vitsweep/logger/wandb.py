@@ -55,7 +55,7 @@ class WandbLogger:
         self.run = None
 
     def start(self, config: dict, job, job_dir: Path) -> str:
-        """Open the W&B run of `job` (a vitsweep.job.JobRecord) and return its id."""
+        """Open the W&B run of `job` (a vitsweep.run.job.JobRecord) and return its id."""
         import wandb
 
         run_args = {

@@ -4,7 +4,7 @@
 Two process groups:
 - the job's bootstrap group (gloo, on the CPU), joined by every process as it starts: rank 0 (the
   process Hydra composed the config for) sends the job to the others through it (`share_job`,
-  `receive_job`; the job side of this is vitsweep.ranks);
+  `receive_job`; the job side of this is vitsweep.run.ranks);
 - the training group the Trainer opens (`join_ranks`): nccl on CUDA, gloo on the CPU, with
   trainer.ddp_timeout_s, the longest any rank waits for the others. A rank that dies leaves the others
   waiting at most that long in their next collective (gloo usually notices at once: the dead peer's
@@ -284,7 +284,7 @@ class Ranks:
 def join_ranks(strategy: str, device: torch.device, timeout_s: float) -> Ranks:
     """The Trainer's ranks for trainer.strategy: single (this process alone), ddp (every process of the
     job: the training group, nccl on CUDA, gloo on the CPU), or auto (ddp when the job has several
-    processes). ddp needs the bootstrap group, which run.py starts (vitsweep.ranks)."""
+    processes). ddp needs the bootstrap group, which run.py starts (vitsweep.run.ranks)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"trainer.strategy={strategy} is not one of: {', '.join(STRATEGIES)}")
     if not timeout_s or timeout_s <= 0:

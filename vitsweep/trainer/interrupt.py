@@ -8,7 +8,7 @@ SIGTERM (`kill`, `docker stop`, schedulers) and SIGINT (Ctrl-C) do not end a job
 - anywhere else (decoding data, scoring the test split, drawing figures) Interrupted is raised at once:
   nothing there is worth a checkpoint.
 
-vitsweep.job then records the status `interrupted`, finishes the W&B run, prints one line and exits with
+vitsweep.run.job then records the status `interrupted`, finishes the W&B run, prints one line and exits with
 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM). A second signal while that happens aborts
 at once, with the same exit code and nothing more written.
 

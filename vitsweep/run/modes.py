@@ -7,24 +7,23 @@
 
 Each mode reads top to bottom like lightning-hydra-template's `train.py`: instantiate, run, log,
 return the monitored value. The bookkeeping every job shares (its record, resume, the failure
-policy) is `vitsweep.job`.
+policy) is `vitsweep.run.job`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vitsweep.data.datamodule import trained_normalization
-from vitsweep.job import JobRecord, UserError, run_job
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.model.metadata import reads_metadata
 from vitsweep.pretrain import ENCODER_PREFIX
-from vitsweep.ranks import follow, leading
+from vitsweep.run.build import build_data, model_and_data
+from vitsweep.run.job import JobRecord, UserError, run_job
+from vitsweep.run.ranks import follow, leading
 from vitsweep.trainer import interrupt
 from vitsweep.trainer.checkpoint import carry_best_forward, load_checkpoint, restore
 from vitsweep.trainer.cost import forward_flops, gflops, run_cost
@@ -34,65 +33,6 @@ from vitsweep.viz import save_figure, split_figures
 from vitsweep.viz.pretrain import pretrain_figures
 
 log = logging.getLogger(__name__)
-
-
-def as_pair(side) -> tuple:
-    return tuple(side) if OmegaConf.is_list(side) or isinstance(side, (list, tuple)) else (side, side)
-
-
-def check_input_size(cfg: DictConfig) -> None:
-    """The side the data serves (the crop, then data.resize_to) is the side the model is built for."""
-    served = OmegaConf.select(cfg, "data.resize_to") or OmegaConf.select(cfg, "data.crop_size")
-    expected = OmegaConf.select(cfg, "model.image_size")
-    if served is not None and expected is not None and as_pair(served) != as_pair(expected):
-        raise ValueError(f"the data serves {served} px images (data.crop_size, then data.resize_to) but "
-                         f"model.image_size={expected}: set model.image_size={served}")
-
-
-def check_forward(model: torch.nn.Module, cfg: DictConfig) -> None:
-    """One training-mode forward pass of a copy of the model on two blank images of the configured shape:
-    values its constructors accept but its forward rejects (model.dropout=2, model.norm.eps=bogus) fail
-    here, in one line, before any data is read. The copy and a forked RNG leave the run as it was. A model
-    that reads metadata columns is built after the data (model_and_data) and checked by its first step."""
-    if reads_metadata(cfg.model):
-        return
-    images = torch.zeros(2, cfg.model.in_channels, *as_pair(cfg.model.image_size))  # (B, C, H, W)
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            copy.deepcopy(model).train()(images)
-    except Exception as err:  # noqa: BLE001 -- whatever the forward raised, the model's values caused it
-        reason = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"model: the configured model cannot run a forward pass ({type(err).__name__}: {reason}): "
-                         f"check the model.* values for a wrong type or range") from None
-
-
-def build_model(cfg: DictConfig, task, from_checkpoint: bool = False, **data_args) -> torch.nn.Module:
-    """The model of cfg.model with the task's head(s). `from_checkpoint`: every weight will come from
-    ckpt_path, so the factory does not load model.pretrained first (for timm:NAME that would be a download).
-    `data_args`: what the model learns from the data (metadata_spec: model/metadata's columns)."""
-    check_input_size(cfg)  # a mismatch would fail in the first forward pass, after the data is read
-    args = {**task.model_args(), **data_args}
-    model = instantiate(cfg.model, pretrained=None, **args) if from_checkpoint else instantiate(cfg.model, **args)
-    check_forward(model, cfg)
-    return model
-
-
-def build_data(cfg: DictConfig, task, **overrides):
-    """The DataModule, its loader asked for the targets the task learns from."""
-    return instantiate(cfg.data, source={"targets": task.data_targets()}, **overrides)
-
-
-def model_and_data(cfg: DictConfig, task, from_checkpoint: bool = False, data_overrides: dict | None = None):
-    """Model and data, in that order when the task knows its head sizes from the config (a bad model
-    option then fails before any file is read), else the data first (a multi-task head whose class
-    count is its column's; model/metadata, whose encoder is sized by the data's metadata columns)."""
-    metadata = reads_metadata(cfg.model)
-    model = build_model(cfg, task, from_checkpoint) if task.heads_known() and not metadata else None
-    data = build_data(cfg, task, **(data_overrides or {}))
-    if model is None:
-        task.count_classes(data)
-        model = build_model(cfg, task, from_checkpoint, **({"metadata_spec": data.metadata_spec()} if metadata else {}))
-    return model, data
 
 
 def log_test_metrics(trainer, model, data, task, job: JobRecord, logger: RunLogger, step: int,
@@ -301,8 +241,8 @@ def check_method_group(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> float:
-    """The job `run.py` starts: the mode `cfg.mode`, with the bookkeeping of `vitsweep.job`. Data-parallel
-    (vitsweep.ranks): rank 0 leads the job; a SLURM task after the first follows it."""
+    """The job `run.py` starts: the mode `cfg.mode`, with the bookkeeping of `vitsweep.run.job`. Data-parallel
+    (vitsweep.run.ranks): rank 0 leads the job; a SLURM task after the first follows it."""
     if is_follower():
         return follow(MODES)
     check_method_group(cfg)

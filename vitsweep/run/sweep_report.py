@@ -1,7 +1,7 @@
 """The end of a multirun: one table of its jobs (status, best value, dir) and an exit code that says
 whether any failed (a Hydra callback, conf/hydra/default.yaml).
 
-A failed job does not stop a sweep (vitsweep.job records it and goes on), so without this a sweep whose
+A failed job does not stop a sweep (vitsweep.run.job records it and goes on), so without this a sweep whose
 every job failed would exit 0 with nothing to show for it. The table is read back from the jobs'
 summary.json files, so it is the same whatever launcher ran them (basic, joblib, submitit, SLURM):
 

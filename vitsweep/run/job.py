@@ -11,7 +11,7 @@ SLURM requeue), threads per job, the run record's lifecycle, and the failure pol
   A signal that finds the job already failing (torchrun stops the other ranks when one dies) leaves
   the record `failed`, with the error that came first.
 
-What each mode does is in `vitsweep.modes`; this module does not import it (the modes come in as an
+What each mode does is in `vitsweep.run.modes`; this module does not import it (the modes come in as an
 argument), so the two can be read apart.
 """
 
@@ -39,7 +39,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from vitsweep.logger.atomic_file import OutputWriteError
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.model.pretrained import PretrainedLoadError
-from vitsweep.trained_config import adopt_trained_config
+from vitsweep.run.trained_config import adopt_trained_config
 from vitsweep.trainer import interrupt
 from vitsweep.trainer.distributed import share_job
 
@@ -258,7 +258,7 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
         adopt_trained_config(cfg, job.overrides)
         # the backend run starts before anything is built, so a job that fails early still shows as failed
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        share_job(config, job)  # DDP: the other ranks run this config, resume decided (vitsweep.ranks)
+        share_job(config, job)  # DDP: the other ranks run this config, resume decided (vitsweep.run.ranks)
         job.resume_run_id = resumed_run_id(cfg)
         logger.start_backend(config={**config, "overrides": job.overrides}, job=job)
         value = modes[cfg.mode](cfg, job, logger)

@@ -5,7 +5,7 @@ each making its own job dir (`${now:...}` differs by a second) and writing its o
 
 - rank 0 is the process Hydra composed the config for. It creates the job dir, decides resume
   (`resume=true`, SLURM requeue), and then shares the job, its resolved config and JobRecord, with
-  the other ranks (`vitsweep.job.run_job` calls `share_job` once the config is final);
+  the other ranks (`vitsweep.run.job.run_job` calls `share_job` once the config is final);
 - the other ranks never compose: torchrun's ranks > 0 go from run.py straight to `follow`; under
   hydra/launcher=slurm every task runs Hydra's job (in the job dir the submitter fixed), and the
   tasks after the first drop Hydra's run.log handler and follow;
@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vitsweep.job import Mode, UserError, user_error
+from vitsweep.run.job import Mode, UserError, user_error
 from vitsweep.trainer import distributed
 
 log = logging.getLogger(__name__)
