@@ -7,12 +7,13 @@ from pathlib import Path
 import torch
 from torchvision.datasets import CIFAR10
 
-from vitsweep.data.splits import Split, Splits, carve_validation, check_class_labels_only
+from vitsweep.data.splits import Split, Splits, carve_validation
+from vitsweep.data.targets import class_labels_only
 
 
 def load_cifar10(root: str, download: bool = True, val_fraction: float = 0.1, split_seed: int = 0,
                  targets: dict | None = None) -> Splits:
-    check_class_labels_only("cifar10", targets)
+    class_labels_only(targets, "cifar10")
     root = Path(root).expanduser()
 
     def split(train: bool) -> Split:

@@ -23,11 +23,10 @@
 - categorical_columns: columns whose values are categories (a region, a sensor): kept as
   Split.categories (N, K) int64, each value's index among the column's sorted distinct values; an
   empty cell is missing (-1).
-- targets (given by the task, vitsweep/task/task.py): what to read for tasks other than single-label
-  classification: {name: {"type": classification, "column": c}} class indices (an empty cell: -1,
-  missing); {"type": regression, "columns": [a, b]} numbers (empty: NaN); {"type": segmentation,
-  "column": m} a path per row to a mask file (.png/.npy, read as data=maskfolder; empty: no label).
-  One target gives a tensor of labels, several a dict keyed by name.
+- targets (given by the task: `task.targets()`): {name: reader} (vitsweep/data/targets.py), each
+  reading its columns: class indices (an empty cell: -1, missing), numbers (empty: NaN), or a path per
+  row to a mask file (.png/.npy, read as data=maskfolder; empty: no label). A reader that names no
+  column reads `label_columns`. One target gives a tensor of labels, several a dict keyed by name.
 """
 
 from __future__ import annotations
@@ -41,80 +40,29 @@ import torch
 
 from vitsweep.data.imagefolder import decode_cached, kept
 from vitsweep.data.maskfolder import read_mask
-from vitsweep.data.splits import IGNORE_INDEX, Split, Splits, carve_validation, map_targets
+from vitsweep.data.splits import Split, Splits, carve_validation, map_targets
+from vitsweep.data.targets import CsvFiles, RequiredClassLabels, TargetReader, is_number
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def parse_labels(rows: list[dict], label_columns: list[str]) -> tuple[torch.Tensor, list[str]]:
-    """(N,) int64 class indices and the class names, or (N, K) float multi-hot and the column names."""
-    if len(label_columns) == 1:
-        column = label_columns[0]
-        values = [row[column].strip() for row in rows]
-        if "" in values:
-            raise ValueError(f"data=csv: row {values.index('') + 2} has no {column}: every row needs a label")
-        as_integers = all(v.lstrip("-").isdigit() for v in values)
-        names = sorted(set(values), key=int if as_integers else str)
-        index = {name: i for i, name in enumerate(names)}
-        return torch.tensor([index[v] for v in values], dtype=torch.int64), names
-    multi_hot = [[row[c].strip() for c in label_columns] for row in rows]
-    for line, values in enumerate(multi_hot, start=2):
-        for column, value in zip(label_columns, values):
-            if not is_number(value) or float(value) not in (0.0, 1.0):
-                raise ValueError(f"data=csv: row {line} has {column}={value!r}: multi-label columns hold 0 or 1")
-    return torch.tensor([[float(v) for v in values] for values in multi_hot]), list(label_columns)
-
-
-def parse_targets(rows: list[dict], columns: list[str], targets: dict, manifest: Path, image_size: int,
-                  cache_dir: str | None) -> tuple[dict, dict, set[str]]:
-    """{name: labels}, {name: class names} and the columns used, for the task's `targets`."""
+def read_targets(rows: list[dict], columns: list[str], targets: dict[str, TargetReader], label_columns: list[str],
+                 files: CsvFiles) -> tuple[dict, dict, set[str]]:
+    """{name: labels}, {name: class names} and the columns used: each target read by its reader from its
+    columns (a reader that names none reads data.source.label_columns)."""
     labels, class_names, used = {}, {}, set()
-    for name, spec in targets.items():
-        kind = spec.get("type")
-        names = list(spec.get("columns") or [spec.get("column")])
+    for name, reader in targets.items():
+        names = reader.columns or label_columns
         for column in names:
             if column not in columns:
-                raise ValueError(f"the task reads column {column!r} for {name}, which data.root={manifest} lacks "
-                                 f"(columns: {', '.join(columns)})")
+                if not reader.columns:
+                    raise ValueError(f"data.source.label_columns: data.root={files.manifest} has no column {column!r} "
+                                     f"(it has: {', '.join(columns)}): set data.source.label_columns")
+                raise ValueError(f"the task reads column {column!r} for {name}, which data.root={files.manifest} "
+                                 f"lacks (columns: {', '.join(columns)})")
         used.update(names)
-        cells = [[row[c].strip() for c in names] for row in rows]
-        if kind == "classification":
-            values = [cell[0] for cell in cells]
-            present = sorted({v for v in values if v}, key=lambda v: (not v.lstrip("-").isdigit(),
-                                                                      int(v) if v.lstrip("-").isdigit() else v))
-            index = {v: i for i, v in enumerate(present)}
-            labels[name] = torch.tensor([index[v] if v else -1 for v in values], dtype=torch.int64)
-            class_names[name] = present
-        elif kind == "regression":
-            for line, cell in enumerate(cells, start=2):
-                for column, value in zip(names, cell):
-                    if value and not is_number(value):
-                        raise ValueError(f"data=csv: row {line} has {column}={value!r}: regression targets are numbers "
-                                         f"(an empty cell is a missing value)")
-            labels[name] = torch.tensor([[float(v) if v else float("nan") for v in cell] for cell in cells])
-        elif kind == "segmentation":
-            paths = [manifest.parent / cell[0] if cell[0] else None for cell in cells]
-            bad = next((i for i, path in enumerate(paths) if path is not None and not path.is_file()), None)
-            if bad is not None:
-                raise FileNotFoundError(f"data=csv: row {bad + 2} names mask {paths[bad]}, which does not exist")
-            present = [path for path in paths if path is not None]
-            decoded = decode_cached({"rows": present}, image_size, 1, None, cache_dir, f"csv-{manifest.stem}-{name}",
-                                    reader=read_mask)[0]["rows"] if present else None
-            masks = torch.full((len(rows), image_size, image_size), IGNORE_INDEX, dtype=torch.uint8)
-            has_mask = torch.tensor([path is not None for path in paths])
-            if decoded is not None:
-                masks[has_mask] = decoded
-            labels[name] = masks
-        else:
-            raise ValueError(f"data=csv cannot read {kind} targets for {name}")
+        labels[name], class_names[name] = reader.from_csv([[row[c].strip() for c in names] for row in rows], names,
+                                                          files)
     return labels, class_names, used
 
 
@@ -210,22 +158,21 @@ def load_csv(root: str, image_size: int, in_channels: int = 3, channels_last: bo
         reader = csv.DictReader(f)
         columns, rows = list(reader.fieldnames or []), list(reader)
     label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
-    # the task's targets; one class label column with no name of its own: data.source.label_columns
-    legacy = not targets or [(s.get("type"), s.get("column")) for s in targets.values()] == [("classification", None)]
-    for key, name in [("image_column", image_column)] + [("label_columns", c) for c in label_columns if legacy]:
-        if name not in columns:
-            raise ValueError(f"data.source.{key}: data.root={manifest} has no column {name!r} "
-                             f"(it has: {', '.join(columns)}): set data.source.{key}")
+    if image_column not in columns:
+        raise ValueError(f"data.source.image_column: data.root={manifest} has no column {image_column!r} "
+                         f"(it has: {', '.join(columns)}): set data.source.image_column")
     if not rows:
         raise ValueError(f"data.root={manifest} has a header but no rows")
 
-    if legacy:
-        labels, class_names = parse_labels(rows, label_columns)
-        used = set(label_columns)
-    else:
-        labels, class_names, used = parse_targets(rows, columns, targets, manifest, image_size, cache_dir)
-        if len(labels) == 1:
-            labels, class_names = next(iter(labels.values())), next(iter(class_names.values()), [])
+    def read_masks(paths: list[Path], name: str) -> torch.Tensor:
+        return decode_cached({"rows": paths}, image_size, 1, None, cache_dir, f"csv-{manifest.stem}-{name}",
+                             reader=read_mask)[0]["rows"]
+
+    targets = targets or {"label": RequiredClassLabels("label")}  # no task: the class label column(s)
+    labels, class_names, used = read_targets(rows, columns, targets, label_columns,
+                                             CsvFiles(manifest, image_size, read_masks))
+    if len(labels) == 1:  # one target: a tensor of labels, not a dict
+        labels, class_names = next(iter(labels.values())), next(iter(class_names.values()))
     has_dates = dates_column is not None and dates_column in columns
     categories, category_values = parse_categories(rows, columns, categorical_columns)
     metadata, metadata_names = parse_metadata(rows, columns, metadata_columns, used={

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from vitsweep.data.crops import random_crops
 from vitsweep.data.inputs import Batch, Inputs
 from vitsweep.data.splits import Split, Splits, Targets, map_masks, map_targets
+from vitsweep.data.targets import TargetReader
 
 NORMALIZATIONS = ("fixed", "auto")
 EVAL_CROPS = ("center", "tiled")
@@ -95,9 +96,11 @@ class DataModule:
                  normalization: str = "fixed", crop_size: int | None = None, eval_crop: str = "center",
                  balance_ratio: float | None = None, balance_class: int | str | None = None,
                  label_granularity: str = "auto", root: str | None = None, channels_last: bool | None = None,
-                 resize_to: int | None = None, on_bad_file: str = "error"):
+                 resize_to: int | None = None, on_bad_file: str = "error",
+                 targets: dict[str, TargetReader] | None = None):
         # root, channels_last and on_bad_file are read by `source` (as ${..root}): they sit at the top of
-        # data/*.yaml because that is where users set them, and the DataModule itself has no use for them
+        # data/*.yaml because that is where users set them, and the DataModule itself has no use for them.
+        # targets: the task's readers (the same the source read with), for target_summary
         if label_granularity not in LABEL_GRANULARITIES:
             raise ValueError(f"data.label_granularity={label_granularity} is not one of: "
                              f"{', '.join(LABEL_GRANULARITIES)}")
@@ -108,7 +111,8 @@ class DataModule:
         empty = [name for name in ("train", "val", "test") if not len(getattr(source, name))]
         if empty:
             raise ValueError(f"data: the {' and '.join(empty)} split holds no images: check data.root / data.source")
-        self.splits, self.class_names = source, source.class_names
+        self.splits, self.targets = source, dict(targets or {})
+        class_names = source.class_names
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         train = self.splits.train
@@ -118,13 +122,13 @@ class DataModule:
         if tuple(train.images.shape[-2:]) != (image_size, image_size):
             raise ValueError(f"data.image_size={image_size} but the images are {tuple(train.images.shape[-2:])}: "
                              f"set data.image_size to match")
-        if isinstance(self.class_names, list) and len(self.class_names) and len(self.class_names) != num_classes:
-            raise ValueError(f"data.num_classes={num_classes} but the data has {len(self.class_names)} classes "
-                             f"({', '.join(self.class_names[:5])}...): set data.num_classes={len(self.class_names)}")
+        if isinstance(class_names, list) and len(class_names) and len(class_names) != num_classes:
+            raise ValueError(f"data.num_classes={num_classes} but the data has {len(class_names)} classes "
+                             f"({', '.join(class_names[:5])}...): set data.num_classes={len(class_names)}")
         labels = train.labels  # class labels: (N,) integers, or (N, K) multi-hot floats with class names
         single_label = isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
-        multi_hot = (isinstance(labels, torch.Tensor) and labels.dim() == 2 and isinstance(self.class_names, list)
-                     and labels.shape[1] == len(self.class_names) == num_classes)
+        multi_hot = (isinstance(labels, torch.Tensor) and labels.dim() == 2 and isinstance(class_names, list)
+                     and labels.shape[1] == len(class_names) == num_classes)
         present = (len(labels.unique()) if single_label else int((labels.sum(0) > 0).sum()) if multi_hot else None)
         if present is not None and (num_classes < 2 or present < 2):  # refused here, not after an epoch (torchmetrics needs 2 classes)
             raise ValueError(f"data.num_classes={num_classes} and the training split holds {present} class(es): a "
@@ -168,7 +172,7 @@ class DataModule:
         if balance_class is None:
             raise ValueError(f"data.balance_ratio={ratio} needs data.balance_class: the class index or name whose "
                              f"share it sets, e.g. data.balance_class=1")
-        names = list(self.class_names)
+        names = self.class_names()
         if isinstance(balance_class, str) and balance_class in names:
             index = names.index(balance_class)
         elif isinstance(balance_class, int) and 0 <= balance_class < self.num_classes:
@@ -197,6 +201,44 @@ class DataModule:
 
     def split(self, name: str) -> Split:
         return getattr(self.splits, name)
+
+    # ------------------------------------------------------------- what tasks read besides batches (DatasetInfo)
+
+    def class_names(self, target: str | None = None) -> list[str]:
+        """The class names of `target` (a task's target name; None: the only one), [] when it has none."""
+        names = self.splits.class_names
+        if isinstance(names, dict):
+            return list(names.get(target, [])) if target is not None else []
+        return list(names or [])
+
+    def target_summary(self, target: str | None = None, split: str = "train") -> dict:
+        """The targets of a split summarized by their reader (vitsweep/data/targets.py): shape, dtype, counts."""
+        labels = self.split(split).labels
+        if isinstance(labels, dict):
+            labels = labels[target]
+        elif len(self.targets) > 1:
+            raise ValueError(f"the task reads {len(self.targets)} targets ({', '.join(self.targets)}), but the data gives "
+                             f"one target per image: use data=csv or data=synthetic, which read every target")
+        reader = self.targets.get(target) if target is not None else None
+        if reader is None and len(self.targets) == 1:
+            reader = next(iter(self.targets.values()))
+        return (reader or TargetReader("")).summarize(labels)
+
+    @property
+    def frames(self) -> int | None:
+        """T of a time series (N, T, C, H, W), None for images."""
+        return self.splits.train.frames
+
+    @property
+    def balanced(self) -> bool:
+        """Whether each training epoch is a weighted draw (data.balance_ratio)."""
+        return self.sample_weights is not None
+
+    def use_all_splits(self) -> None:
+        """Train on the images of every split, unlabelled (-1): self-supervised pretraining's use_all_splits."""
+        splits = self.splits
+        images = torch.cat([splits.train.images, splits.val.images, splits.test.images])
+        splits.train = Split(images, torch.full((len(images),), -1, dtype=torch.int64, device=images.device))
 
     def to_float(self, images: torch.Tensor) -> torch.Tensor:
         return to_float(images)
@@ -299,6 +341,15 @@ class DataModule:
                 images, targets = random_crops(images, self.crop_size, targets)
             images, targets = self.resize(self.to_float(images), targets)
             yield self.model_inputs(train, images, index), targets  # with their metadata and dates, if any
+
+    def average_views(self, outputs):
+        """(B * eval_views, ...) outputs of each image's eval windows (eval_crop=tiled) -> (B, ...) means."""
+        views = self.eval_views
+        if views == 1:
+            return outputs
+        if isinstance(outputs, dict):
+            return {name: self.average_views(value) for name, value in outputs.items()}
+        return outputs.view(-1, views, *outputs.shape[1:]).mean(dim=1)
 
     def eval_windows(self, images: torch.Tensor, offsets: list[int]) -> torch.Tensor:
         """(B, C, S, S) -> (B * len(offsets)**2, C, crop, crop): each image's windows, consecutive

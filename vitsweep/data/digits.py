@@ -7,12 +7,13 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits as sklearn_digits
 from sklearn.model_selection import train_test_split
 
-from vitsweep.data.splits import Split, Splits, carve_validation, check_class_labels_only
+from vitsweep.data.splits import Split, Splits, carve_validation
+from vitsweep.data.targets import class_labels_only
 
 
 def load_digits(image_size: int = 16, test_fraction: float = 0.2, val_fraction: float = 0.1,
                 split_seed: int = 0, targets: dict | None = None) -> Splits:
-    check_class_labels_only("digits", targets)
+    class_labels_only(targets, "digits")
     digits = sklearn_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
     if image_size != 8:  # upsample once at load so a patch-4 model sees a 4x4 grid

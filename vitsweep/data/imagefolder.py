@@ -30,7 +30,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from vitsweep.data.decode_progress import DecodeProgress
-from vitsweep.data.splits import Split, Splits, carve_validation, check_class_labels_only
+from vitsweep.data.splits import Split, Splits, carve_validation
+from vitsweep.data.targets import class_labels_only
 from vitsweep.logger.atomic_file import OutputWriteError, write_atomic
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ def decode_cached(listing: dict[str, list[Path]], image_size: int, in_channels: 
 def load_imagefolder(root: str, image_size: int, in_channels: int = 3, channels_last: bool | None = None,
                      cache_dir: str | None = None, val_fraction: float = 0.1, split_seed: int = 0,
                      on_bad_file: str = "error", targets: dict | None = None) -> Splits:
-    check_class_labels_only("imagefolder", targets)
+    class_labels_only(targets, "imagefolder")
     root = Path(root).expanduser().resolve()
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise FileNotFoundError(

@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from vitsweep.data.imagefolder import IMAGE_EXTENSIONS, decode_cached
 from vitsweep.data.splits import Split, Splits, carve_validation
+from vitsweep.data.targets import masks_only
 
 MASK_EXTENSIONS = (".png", ".npy")
 
@@ -63,10 +64,7 @@ def paired_files(split_dir: Path) -> tuple[list[Path], list[Path]]:
 def load_maskfolder(root: str, image_size: int, in_channels: int = 3, num_classes: int | None = None,
                     channels_last: bool | None = None, cache_dir: str | None = None, val_fraction: float = 0.1,
                     split_seed: int = 0, targets: dict | None = None) -> Splits:
-    kinds = [spec.get("type") for spec in (targets or {}).values()]
-    if kinds and kinds != ["segmentation"]:
-        raise ValueError(f"data=maskfolder gives a mask per image, but the task asks for {' + '.join(map(str, kinds))} "
-                         f"targets: use task=segmentation (or data=csv for other targets)")
+    masks_only(targets, "maskfolder")
     root = Path(root).expanduser().resolve()
     splits_present = [s for s in ("train", "val", "test") if (root / s / "images").is_dir()]
     if "train" not in splits_present or "test" not in splits_present:

@@ -48,16 +48,6 @@ def map_masks(fn: Callable[[torch.Tensor], torch.Tensor], targets: Targets, imag
     return map_targets(lambda t: fn(t) if is_mask(t, images) else t, targets)
 
 
-def check_class_labels_only(source: str, targets: dict | None) -> None:
-    """A loader that knows one class label per image refuses a task that asks for anything else
-    (`targets`: the task's needs, {name: {"type": ..., "column": ...}}; see vitsweep/task/task.py)."""
-    kinds = [spec.get("type") for spec in (targets or {}).values()]
-    if kinds and kinds != ["classification"]:
-        raise ValueError(f"data={source} gives one class label per image, but the task asks for "
-                         f"{' + '.join(map(str, kinds))} targets: use data=csv (columns per target), data=maskfolder "
-                         f"(masks) or data=synthetic")
-
-
 @dataclass
 class Split:
     images: torch.Tensor  # (N, C, H, W) or (N, T, C, H, W), uint8 for photos; float32/uint16 for multispectral arrays

@@ -5,13 +5,13 @@ With `multi_label`, each image holds a random non-empty subset of the classes (e
 probability 1/2): the image is the mean of their patterns plus noise, the label a (N, K) float
 multi-hot vector.
 
-For the other tasks (`targets`, the task's needs: {name: {"type": ...}}; see vitsweep/task/task.py),
-each target gets a planted signal of its own, added to the image:
-    classification   the class's pattern (as above)
-    regression       a fixed random pattern of its own, scaled by the target, a value in [0, 100)
-                     (a "count": the image is brighter where the pattern is, the more there is)
-    segmentation     1 or 2 rectangles of classes 1..K-1 on background 0, on a 4-pixel lattice, each
-                     class a colour of its own; the mask holds the class of every pixel
+For the other tasks (`targets`, the task's readers: {name: reader}; vitsweep/data/targets.py), each
+target gets a planted signal of its own by its format, added to the image:
+    class    the class's pattern (as above)
+    values   a fixed random pattern of its own, scaled by the target, a value in [0, 100)
+             (a "count": the image is brighter where the pattern is, the more there is)
+    mask     1 or 2 rectangles of classes 1..K-1 on background 0, on a 4-pixel lattice, each
+             class a colour of its own; the mask holds the class of every pixel
 `missing` blanks that share of each target at random (-1, NaN, or an all-ignored mask), to test
 that missing labels count in no loss and no metric.
 """
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from vitsweep.data.splits import IGNORE_INDEX, Split, Splits
+from vitsweep.data.splits import Split, Splits
+from vitsweep.data.targets import TargetReader
 
 
 def load_synthetic(image_size: int = 16, in_channels: int = 3, num_classes: int = 4,
@@ -33,8 +34,8 @@ def load_synthetic(image_size: int = 16, in_channels: int = 3, num_classes: int 
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"data=synthetic: {key}={value} must be a whole number >= 1")
     generator = torch.Generator().manual_seed(split_seed)
-    kinds = {name: spec.get("type") for name, spec in (targets or {}).items()}
-    if list(kinds.values()) in ([], ["classification"]):  # one class label per image: the original generator
+    readers = dict(targets or {})
+    if [reader.format for reader in readers.values()] in ([], ["class"]):  # one class label per image: the original generator
         templates = torch.rand(num_classes, in_channels, image_size, image_size, generator=generator)
 
         def make(n: int) -> Split:
@@ -51,17 +52,18 @@ def load_synthetic(image_size: int = 16, in_channels: int = 3, num_classes: int 
             return Split((noisy.clamp(0, 1) * 255).round().to(torch.uint8), labels)
 
         return Splits(make(num_train), make(num_val), make(num_test), [f"class_{i}" for i in range(num_classes)])
-    return planted(kinds, image_size, in_channels, num_classes, (num_train, num_val, num_test), noise, generator,
-                   missing)
+    return planted(readers, image_size, in_channels, num_classes, (num_train, num_val, num_test), noise,
+                   generator, missing)
 
 
-def planted(kinds: dict[str, str], size: int, channels: int, num_classes: int, counts, noise: float,
+def planted(readers: dict[str, TargetReader], size: int, channels: int, num_classes: int, counts, noise: float,
             generator: torch.Generator, missing: float) -> Splits:
     """Images with one planted signal per target (see the module docstring)."""
-    unknown = [kind for kind in kinds.values() if kind not in ("classification", "regression", "segmentation")]
+    unknown = [reader.what for reader in readers.values() if reader.format not in ("class", "values", "mask")]
     if unknown:
-        raise ValueError(f"data=synthetic cannot make {', '.join(map(str, unknown))} targets")
-    patterns = {name: torch.rand(num_classes if kind != "regression" else 1, channels, size, size,
+        raise ValueError(f"data=synthetic cannot make {', '.join(unknown)} targets")
+    kinds = {name: reader.format for name, reader in readers.items()}
+    patterns = {name: torch.rand(num_classes if kind != "values" else 1, channels, size, size,
                                  generator=generator) for name, kind in kinds.items()}
     lattice = max(1, size // 4)  # rectangles' corners on a 4-pixel lattice
 
@@ -69,11 +71,11 @@ def planted(kinds: dict[str, str], size: int, channels: int, num_classes: int, c
         images = noise * torch.randn(n, channels, size, size, generator=generator)
         labels = {}
         for name, kind in kinds.items():
-            if kind == "classification":
+            if kind == "class":
                 classes = torch.randint(num_classes, (n,), generator=generator)
                 images += 0.6 * patterns[name][classes]
                 labels[name] = classes
-            elif kind == "regression":
+            elif kind == "values":
                 value = torch.rand(n, generator=generator) * 100
                 images += (value / 100).view(n, 1, 1, 1) * patterns[name][0]
                 labels[name] = value[:, None]
@@ -90,25 +92,12 @@ def planted(kinds: dict[str, str], size: int, channels: int, num_classes: int, c
                 colours = patterns[name][:, :, :1, :1]  # (K, C, 1, 1): one colour per class
                 images += colours[masks.long()].squeeze(-1).squeeze(-1).permute(0, 3, 1, 2)
                 labels[name] = masks
-            blank(labels[name], missing, generator)
+            readers[name].blank(labels[name], missing, generator)
         images = (images + 0.2).clamp(0, 1)
         return Split((images * 255).round().to(torch.uint8), labels if len(labels) > 1 else next(iter(labels.values())))
 
     class_names = {name: [f"class_{k}" for k in range(num_classes)]
-                   for name, kind in kinds.items() if kind != "regression"}
+                   for name, kind in kinds.items() if kind != "values"}
     if len(kinds) == 1:
         class_names = next(iter(class_names.values()), [])
     return Splits(make(counts[0]), make(counts[1]), make(counts[2]), class_names)
-
-
-def blank(labels: torch.Tensor, share: float, generator: torch.Generator) -> None:
-    """Mark a random `share` of the samples' labels missing, in place."""
-    if share <= 0:
-        return
-    gone = torch.rand(len(labels), generator=generator) < share
-    if labels.is_floating_point():
-        labels[gone] = float("nan")
-    elif labels.dim() == 3:
-        labels[gone] = IGNORE_INDEX
-    else:
-        labels[gone] = -1

@@ -43,14 +43,15 @@ def load_synthetic_series(image_size: int = 16, in_channels: int = 3, num_classe
         raise ValueError(f"data.source.signal={signal!r} is not one of: {', '.join(SIGNALS)}")
     if frames < 1:
         raise ValueError(f"data.source.frames={frames} must be >= 1")
-    kinds = [spec.get("type") for spec in (targets or {}).values()] or ["classification"]
-    kind = kinds[0]
-    regression_ok = signal in ("metadata", "forecast")
-    if len(kinds) > 1 or kind not in ("classification", "regression") or (kind == "regression" and not regression_ok):
+    readers = list((targets or {}).values())
+    kind = readers[0].format if readers else "class"
+    values_ok = signal in ("metadata", "forecast")
+    if len(readers) > 1 or kind not in ("class", "values") or (kind == "values" and not values_ok):
         raise ValueError(f"data=synthetic_series with signal={signal} gives one "
-                         f"{'class or number' if regression_ok else 'class'} per sample, not {' + '.join(kinds)} "
-                         f"targets: pick the task that fits (signal=metadata or forecast for task=regression)")
-    if kind == "classification" and signal != "forecast" and num_classes != 2:
+                         f"{'class or number' if values_ok else 'class'} per sample, not "
+                         f"{' + '.join(reader.what for reader in readers)}: pick the task that fits (signal=metadata "
+                         f"or forecast for task=regression)")
+    if kind == "class" and signal != "forecast" and num_classes != 2:
         raise ValueError(f"data.num_classes={num_classes}: signal={signal} has 2 classes; set data.num_classes=2")
     if not 0 <= metadata_missing < 1:
         raise ValueError(f"data.source.metadata_missing={metadata_missing} is a share of cells: use [0, 1)")
@@ -74,7 +75,7 @@ def load_synthetic_series(image_size: int = 16, in_channels: int = 3, num_classe
             direction = 1.0 - 2.0 * labels.float()
             columns = torch.remainder(start[:, None] + direction[:, None] * step * torch.arange(frames), image_size)
         elif signal == "metadata":
-            labels = (score > 0).long() if kind == "classification" else score[:, None]
+            labels = (score > 0).long() if kind == "class" else score[:, None]
             columns = torch.randint(0, image_size - blob + 1, (n,), generator=generator).float()[:, None].expand(n, frames)
         elif signal == "forecast":
             span = image_size - blob  # the blob's left column stays in [0, span] up to the forecast frame
@@ -84,7 +85,7 @@ def load_synthetic_series(image_size: int = 16, in_channels: int = 3, num_classe
             start = low + torch.rand(n, generator=generator) * (span - speed.abs() * last)
             columns = start[:, None] + speed[:, None] * torch.arange(frames)
             future = start + speed * last  # the column `horizon` frames after the last one
-            if kind == "regression":
+            if kind == "values":
                 labels = (future + blob / 2)[:, None]  # the blob's centre, in pixels
             else:
                 labels = ((future + blob / 2) / image_size * num_classes).long().clamp(0, num_classes - 1)
@@ -109,7 +110,7 @@ def load_synthetic_series(image_size: int = 16, in_channels: int = 3, num_classe
                      dates if frames > 1 else dates[:, :1])
 
     class_names = {"motion": ["right", "left"], "metadata": ["low", "high"], "riot": ["calm", "riot"],
-                   "forecast": [f"bin_{k}" for k in range(num_classes)]}[signal] if kind == "classification" else []
+                   "forecast": [f"bin_{k}" for k in range(num_classes)]}[signal] if kind == "class" else []
     return Splits(make(num_train), make(num_val), make(num_test), class_names,
                   metadata_columns=["events", "population"], category_values={"region": list(REGIONS)})
 

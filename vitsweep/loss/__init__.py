@@ -6,10 +6,11 @@ Every loss takes the same label set-up keys:
 - `class_weights`: null, an explicit list of num_classes weights, or `balanced`, which is
   n_samples / (num_classes * count_c) over the training labels (scikit-learn's "balanced").
 
-The task builds the loss with the training labels (`train_labels=`) rather than calling a fit
-method afterwards: a loss is complete once constructed, and a forgotten second call cannot leave
-`balanced` silently unweighted. The labels also let the loss check that `multi_label` matches the
-data before any training.
+The task builds the loss with the summary of the training labels (`train_summary=`: their shape and the
+images per class, `vitsweep.data.targets.ClassLabels.summarize`; no labels are held) rather than calling
+a fit method afterwards: a loss is complete once constructed, and a forgotten second call cannot leave
+`balanced` silently unweighted. The summary also lets the loss check that `multi_label` matches the data
+before any training.
 """
 
 from __future__ import annotations
@@ -23,20 +24,21 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 
-def check_label_setup(multi_label: bool, train_labels: torch.Tensor | None) -> None:
+def check_label_setup(multi_label: bool, train_summary: dict | None) -> None:
     """Fail before training when the data's labels do not match `multi_label`."""
-    if train_labels is None:
+    if train_summary is None:
         return
-    if multi_label and train_labels.dim() != 2:
+    label_dims = 1 + len(train_summary["shape"])  # (N,) class indices, (N, K) multi-hot
+    if multi_label and label_dims != 2:
         raise ValueError("multi_label=true but the training labels are one class index per image: this dataset is "
                          "single-label; set multi_label=false, or use multi-hot data (data=synthetic makes it)")
-    if not multi_label and train_labels.dim() != 1:
-        raise ValueError(f"multi_label=false but the training labels are multi-hot {tuple(train_labels.shape)}: "
-                         f"set multi_label=true")
+    if not multi_label and label_dims != 1:
+        raise ValueError(f"multi_label=false but the training labels are multi-hot "
+                         f"{(train_summary['count'], *train_summary['shape'])}: set multi_label=true")
 
 
 def resolve_class_weights(class_weights: str | Sequence[float] | None, num_classes: int,
-                          train_labels: torch.Tensor | None) -> torch.Tensor | None:
+                          train_summary: dict | None) -> torch.Tensor | None:
     """The (num_classes,) weight tensor for `class_weights`, or None for unweighted."""
     if class_weights is None:
         return None
@@ -44,25 +46,25 @@ def resolve_class_weights(class_weights: str | Sequence[float] | None, num_class
         if class_weights != "balanced":
             raise ValueError(f"loss.class_weights={class_weights!r} is not one of: null, balanced, "
                              f"or a list of {num_classes} numbers")
-        if train_labels is None:
+        if train_summary is None:
             raise ValueError("loss.class_weights=balanced needs the training labels: build the loss with "
-                             "train_labels=data.split('train').labels")
+                             "train_summary=data.target_summary()")
         # images per class: index labels are counted, multi-hot labels count their positives
-        counts = (train_labels.float().sum(dim=0) if train_labels.dim() == 2
-                  else torch.bincount(train_labels, minlength=num_classes).float())
+        counts = torch.zeros(num_classes)
+        known = torch.tensor(train_summary["class_counts"][:num_classes], dtype=torch.float32)
+        counts[:len(known)] = known
         if (counts == 0).any():
             missing = (counts == 0).nonzero().flatten().tolist()
             raise ValueError(f"loss.class_weights=balanced: classes {missing} have no training images, so their "
                              f"weight is infinite: give an explicit list instead")
-        return len(train_labels) / (num_classes * counts)
+        return train_summary["labelled"] / (num_classes * counts)
     weights = torch.as_tensor(list(class_weights), dtype=torch.float32)
     if weights.shape != (num_classes,):
         raise ValueError(f"loss.class_weights has {weights.numel()} values but data.num_classes={num_classes}: "
                          f"give one weight per class")
     if not torch.isfinite(weights).all() or (weights < 0).any():
         raise ValueError(f"loss.class_weights={weights.tolist()} must be finite and >= 0")
-    device = train_labels.device if train_labels is not None else None
-    return weights.to(device)
+    return weights
 
 
 class CrossEntropy(nn.CrossEntropyLoss):
@@ -71,14 +73,14 @@ class CrossEntropy(nn.CrossEntropyLoss):
 
     def __init__(self, label_smoothing: float = 0.0, class_weights: str | Sequence[float] | None = None,
                  num_classes: int | None = None, multi_label: bool = False,
-                 train_labels: torch.Tensor | None = None):
+                 train_summary: dict | None = None):
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"loss.label_smoothing={label_smoothing} must be in [0, 1)")
         if multi_label:
             raise ValueError("loss=cross_entropy is a softmax over exclusive classes: with multi_label=true "
                              "use loss=bce or loss=focal")
-        check_label_setup(multi_label, train_labels)
-        super().__init__(weight=resolve_class_weights(class_weights, num_classes, train_labels),
+        check_label_setup(multi_label, train_summary)
+        super().__init__(weight=resolve_class_weights(class_weights, num_classes, train_summary),
                          label_smoothing=label_smoothing)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,7 @@ class FocalLoss(nn.Module):
 
     def __init__(self, gamma: float = 2.0, alpha: float | None = None,
                  class_weights: str | Sequence[float] | None = None, num_classes: int | None = None,
-                 multi_label: bool = False, train_labels: torch.Tensor | None = None):
+                 multi_label: bool = False, train_summary: dict | None = None):
         super().__init__()
         if gamma < 0:
             raise ValueError(f"loss.gamma={gamma} must be >= 0")
@@ -107,9 +109,9 @@ class FocalLoss(nn.Module):
         if alpha is not None and not multi_label:
             raise ValueError(f"loss.alpha={alpha} balances positives against negatives of each sigmoid, so it "
                              f"applies with multi_label=true only: weigh classes with loss.class_weights instead")
-        check_label_setup(multi_label, train_labels)
+        check_label_setup(multi_label, train_summary)
         self.gamma, self.alpha, self.multi_label = gamma, alpha, multi_label
-        self.register_buffer("weight", resolve_class_weights(class_weights, num_classes, train_labels))
+        self.register_buffer("weight", resolve_class_weights(class_weights, num_classes, train_summary))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -132,12 +134,12 @@ class BinaryCrossEntropy(TimmBinaryCrossEntropy):
 
     def __init__(self, label_smoothing: float = 0.0, class_weights: str | Sequence[float] | None = None,
                  num_classes: int | None = None, multi_label: bool = False,
-                 train_labels: torch.Tensor | None = None):
+                 train_summary: dict | None = None):
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"loss.label_smoothing={label_smoothing} must be in [0, 1)")
-        check_label_setup(multi_label, train_labels)
+        check_label_setup(multi_label, train_summary)
         super().__init__(smoothing=label_smoothing, smooth_dense=multi_label,
-                         weight=resolve_class_weights(class_weights, num_classes, train_labels))
+                         weight=resolve_class_weights(class_weights, num_classes, train_summary))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return super().forward(logits.float(), targets)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitsweep.pretrain.encoder import check_plain_encoder, full_attention, pooled_features
+from vitsweep.pretrain.figures import teacher_attention_figures
 from vitsweep.pretrain.multicrop import MultiCrop
 from vitsweep.pretrain.objective import Pretraining, fixed_randomness
 
@@ -224,7 +225,7 @@ def check_crop_size(encoder: nn.Module, size: int) -> None:
 class DINO(Pretraining):
     """conf/pretrain/dino.yaml: the method's settings, checked before anything is built."""
 
-    kind = "dino"
+    name = "dino"
 
     def __init__(self, out_dim: int = 1024, hidden_dim: int = 512, bottleneck_dim: int = 128, head_layers: int = 3,
                  num_local_crops: int = 6, local_crop_size: int | None = None, global_crop_scale=(0.4, 1.0),
@@ -256,9 +257,9 @@ class DINO(Pretraining):
             "teacher_temp": teacher_temp, "center_momentum": center_momentum, "teacher_momentum": teacher_momentum,
             "koleo_weight": koleo_weight}
 
-    def build(self, encoder: nn.Module) -> DINOModel:
-        self.check_encoder(encoder)
-        return DINOModel(encoder, **self.settings)
+    def wrap(self, model: nn.Module) -> DINOModel:
+        self.check_encoder(model)
+        return DINOModel(model, **self.settings)
 
     def setup(self, data, model: DINOModel) -> None:
         super().setup(data, model)
@@ -270,3 +271,7 @@ class DINO(Pretraining):
         scaler does not call the hook, and moves neither)."""
         model.total_steps = total_steps
         optimizer.register_step_post_hook(lambda optimizer, args, kwargs: model.update_teacher())
+
+    def sample_figures(self, model: DINOModel, images, outputs, targets, titles, style) -> dict:
+        """The teacher encoder's attention, per image (each head of the last layer, and the rollout)."""
+        return teacher_attention_figures(model.encoder, images, titles, **style)

@@ -17,13 +17,14 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from vitsweep.model.pos_embed import sincos_2d
 from vitsweep.pretrain.encoder import check_plain_encoder, encode, full_attention, pooled_features
+from vitsweep.pretrain.figures import reconstruction_figure
 from vitsweep.pretrain.objective import Pretraining, fixed_randomness
+from vitsweep.pretrain.patches import normalize_patches, patchify
 
 
 def random_masking(batch: int, num_patches: int, num_visible: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,28 +35,6 @@ def random_masking(batch: int, num_patches: int, num_visible: int, device) -> tu
     hidden = torch.ones(batch, num_patches, dtype=torch.bool, device=device)
     hidden.scatter_(1, visible, False)
     return visible, hidden
-
-
-def patchify(images: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, P, C * p * p): the pixels of each patch in the patch embedding's order
-    (row-major patches; each patch channel-major, as the convolution's kernel reads it)."""
-    return F.unfold(images, kernel_size=patch_size, stride=stride).transpose(1, 2)
-
-
-def unpatchify(patches: torch.Tensor, patch_size: int, stride: int, image_size: tuple[int, int]) -> torch.Tensor:
-    """(B, P, C * p * p) -> (B, C, H, W); pixels covered by overlapping patches get their mean."""
-    columns = patches.transpose(1, 2)  # (B, C * p * p, P)
-    summed = F.fold(columns, output_size=image_size, kernel_size=patch_size, stride=stride)
-    coverage = F.fold(torch.ones_like(columns), output_size=image_size, kernel_size=patch_size, stride=stride)
-    return summed / coverage.clamp_min(1)
-
-
-def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Each patch (.., C * p * p) minus its mean, over sqrt(its variance + eps) (variance over the patch's
-    pixels, not bias-corrected, so the normalized pixels have a mean square of var / (var + eps) ~ 1)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True, correction=0)
-    return (patches - mean) / (var + eps).sqrt()
 
 
 class MaskedAutoencoder(nn.Module):
@@ -135,7 +114,7 @@ class MaskedAutoencoder(nn.Module):
 class MAE(Pretraining):
     """conf/pretrain/mae.yaml: the method's settings, checked before anything is built."""
 
-    kind = "mae"
+    name = "mae"
 
     def __init__(self, mask_ratio: float = 0.75, norm_pix_loss: bool = True, decoder_dim: int = 128,
                  decoder_depth: int = 2, decoder_num_heads: int = 4, **shared):
@@ -151,6 +130,11 @@ class MAE(Pretraining):
         self.settings = {"mask_ratio": mask_ratio, "norm_pix_loss": norm_pix_loss, "decoder_dim": decoder_dim,
                          "decoder_depth": decoder_depth, "decoder_num_heads": decoder_num_heads}
 
-    def build(self, encoder: nn.Module) -> MaskedAutoencoder:
-        self.check_encoder(encoder)
-        return MaskedAutoencoder(encoder, **self.settings)
+    def wrap(self, model: nn.Module) -> MaskedAutoencoder:
+        self.check_encoder(model)
+        return MaskedAutoencoder(model, **self.settings)
+
+    def sample_figures(self, model: MaskedAutoencoder, images, outputs, targets, titles, style) -> dict:
+        """The reconstructions: per image, the input, the visible patches, the prediction, and the prediction
+        in the hidden patches."""
+        return {"reconstructions": reconstruction_figure(model, images, titles, **style)}

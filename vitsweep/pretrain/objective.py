@@ -1,8 +1,9 @@
-"""The loop-facing side of a self-supervised method: what `Trainer.fit` asks a task for, so pretraining
-runs in the one training loop (vitsweep.trainer.loop) like any task.
+"""The loop-facing side of a self-supervised method: the `Task` protocol (vitsweep/task/protocol.py), so
+pretraining runs in the one training loop (vitsweep.trainer.loop) and the one fit (vitsweep.run.modes) like
+any task.
 
     method = instantiate(cfg.pretrain)            # MAE or DINO: the settings, checked
-    model = method.build(encoder)                 # the nn.Module the loop trains: encoder + decoder / heads
+    model = method.wrap(encoder)                  # the nn.Module the loop trains: encoder + decoder / heads
     method.setup(data, model)                     # which images it learns from, the monitor
     method.attach(model, optimizer, total_steps)  # per-step work outside the gradient (DINO's teacher)
 
@@ -10,7 +11,8 @@ The model's forward gives {"loss": scalar} in training, and {"features": (B, D),
 mode: the encoder's pooled features of the whole image and each image's loss, with the method's random
 draws fixed, so the val loss of one epoch compares with the next. The evaluator turns a split of those
 into `<split>/loss`, `<split>/feature_std` and, when the split has class labels, `<split>/knn_acc`.
-Labels are never used for training.
+Labels are never used for training: the data reads them (`targets`: the run's task's, set by the build)
+for the kNN monitor only.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitsweep.data.splits import Split, Targets
+from vitsweep.data.splits import Targets
+from vitsweep.data.targets import TargetReader
 from vitsweep.pretrain.knn import knn_accuracy
+from vitsweep.task.protocol import Evaluator, Task
 
 MONITORS = {"val/knn_acc": "max", "val/loss": "min", "train/loss": "min"}
 
@@ -56,7 +60,7 @@ def fixed_randomness(device: torch.device, seed: int = 0):
         yield
 
 
-class EncoderEvaluator:
+class EncoderEvaluator(Evaluator):
     """Accumulates a split's features, per-image losses and class labels; scores them whole."""
 
     def __init__(self, knn_k: int, knn_temperature: float):
@@ -81,10 +85,10 @@ class EncoderEvaluator:
         return metrics
 
 
-class Pretraining:
+class Pretraining(Task):
     """What every method shares: the images it learns from, the monitor, and the calls of the loop."""
 
-    kind = ""
+    name = ""
 
     def __init__(self, use_all_splits: bool = False, monitor: str = "auto", knn_k: int = 20,
                  knn_temperature: float = 0.07):
@@ -97,11 +101,16 @@ class Pretraining:
         self.use_all_splits, self.knn_k, self.knn_temperature = use_all_splits, knn_k, knn_temperature
         self.monitor = monitor
         self.monitor_mode = MONITORS.get(monitor, "max")
+        self.label_readers: dict[str, TargetReader] = {}  # what the data reads for the kNN monitor: the run's task's
 
     # ------------------------------------------------------------------------------ set-up
 
-    def build(self, encoder: nn.Module) -> nn.Module:
-        """The module the loop trains around `encoder` (its `encoder` attribute is what fine-tuning loads)."""
+    def targets(self) -> dict[str, TargetReader]:
+        return dict(self.label_readers)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the loop trains around the encoder `model` (its `encoder` attribute is what fine-tuning
+        loads)."""
         raise NotImplementedError
 
     def check_encoder(self, encoder: nn.Module) -> None:
@@ -113,35 +122,35 @@ class Pretraining:
     def setup(self, data, model: nn.Module) -> None:
         """Before training: the images to learn from (with use_all_splits, every split's), and the monitor
         (auto: the kNN accuracy on val when val has class labels, else the val loss)."""
-        if data.sample_weights is not None:
+        if data.balanced:
             raise ValueError("data.balance_ratio balances classes, but pretraining ignores the labels: drop "
                              "data.balance_ratio")
         if self.use_all_splits:
-            splits = data.splits
-            images = torch.cat([splits.train.images, splits.val.images, splits.test.images])
-            data.splits.train = Split(images, torch.full((len(images),), -1, dtype=torch.int64))  # unlabelled
+            data.use_all_splits()  # the train, val and test images, unlabelled
         if self.monitor == "auto":
-            labels = class_labels(data.split("val").labels)
-            has_classes = labels is not None and labels[labels >= 0].unique().numel() >= 2
+            class_counts = self.val_class_counts(data)
+            has_classes = sum(count > 0 for count in class_counts) >= 2
             self.monitor = "val/knn_acc" if has_classes else "val/loss"
             self.monitor_mode = MONITORS[self.monitor]
+
+    def val_class_counts(self, data) -> list[float]:
+        """Images per class in val, of the first class-label target ([] when there is none)."""
+        for name, reader in self.targets().items():
+            summary = data.target_summary(name, split="val")
+            if reader.format == "class" and len(summary["shape"]) == 0:
+                return summary.get("class_counts", [])
+        return []
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         """Work to do after every optimizer step, outside the gradient (none by default)."""
 
     # ------------------------------------------------------------------------------ the loop's calls
 
-    def training_loss(self, outputs: dict, targets: Targets) -> torch.Tensor:
+    def loss(self, outputs: dict, targets: Targets) -> torch.Tensor:
         return outputs["loss"]
 
-    def training_scores(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
+    def batch_scores(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
         return {}
 
-    def task_evaluator(self) -> EncoderEvaluator:
+    def evaluator(self) -> EncoderEvaluator:
         return EncoderEvaluator(self.knn_k, self.knn_temperature)
-
-    def is_headline(self, key: str) -> bool:
-        return True
-
-    def task_state(self) -> dict:
-        return {"kind": self.kind}

@@ -41,6 +41,7 @@ from vitsweep.logger.run_logger import RunLogger
 from vitsweep.model.pretrained import PretrainedLoadError
 from vitsweep.run.trained_config import adopt_trained_config
 from vitsweep.trainer import interrupt
+from vitsweep.trainer.checkpoint import load_checkpoint
 from vitsweep.trainer.distributed import share_job
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 # OutputWriteError: a full disk or a read-only folder, named by path)
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, PretrainedLoadError, OutputWriteError)
 
-Mode = Callable[[DictConfig, "JobRecord", RunLogger], "float | None"]
+Mode = Callable[[DictConfig, "JobRecord", RunLogger, "dict | None"], "float | None"]  # + ckpt_path's checkpoint
 FITTING_MODES = ("train", "pretrain")  # the modes that train, checkpoint and resume from last.pt
 
 
@@ -99,14 +100,11 @@ class JobRecord:
 
 # ------------------------------------------------------------------------------ earlier attempts
 
-def resumed_run_id(cfg: DictConfig) -> str | None:
+def resumed_run_id(cfg: DictConfig, checkpoint: dict | None) -> str | None:
     """The W&B run id stored in the checkpoint a training run resumes from: the run goes on in W&B too."""
-    if cfg.mode not in FITTING_MODES or not cfg.ckpt_path or not Path(cfg.ckpt_path).is_file():
-        return None  # a bad ckpt_path is reported by the mode, with the backend run already open
-    try:
-        return torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("wandb_id")
-    except Exception:  # noqa: BLE001 -- the mode reports an unreadable checkpoint clearly
+    if cfg.mode not in FITTING_MODES or checkpoint is None:
         return None
+    return checkpoint.get("wandb_id")
 
 
 def requeued_by_slurm() -> bool:
@@ -254,14 +252,15 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
     try:
         if cfg.mode not in modes:  # inside: a sweep records it as this job's failure and goes on
             raise ValueError(f"mode={cfg.mode} is not one of: {', '.join(modes)}")
+        checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None  # read once, for the whole job
         # eval, visualize and resume: the model, data shape and normalization of the checkpoint
-        adopt_trained_config(cfg, job.overrides)
+        adopt_trained_config(cfg, job.overrides, checkpoint)
         # the backend run starts before anything is built, so a job that fails early still shows as failed
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         share_job(config, job)  # DDP: the other ranks run this config, resume decided (vitsweep.run.ranks)
-        job.resume_run_id = resumed_run_id(cfg)
+        job.resume_run_id = resumed_run_id(cfg, checkpoint)
         logger.start_backend(config={**config, "overrides": job.overrides}, job=job)
-        value = modes[cfg.mode](cfg, job, logger)
+        value = modes[cfg.mode](cfg, job, logger, checkpoint)
     except BaseException as err:
         if isinstance(err, interrupt.Interrupted):
             # a signal that came while an error unwound the stack: the job had failed (a dead DDP rank)

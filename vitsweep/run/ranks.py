@@ -31,10 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitsweep.run.job import Mode, UserError, user_error
 from vitsweep.trainer import distributed
+from vitsweep.trainer.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-FOLLOWED_MODES = ("train", "eval")  # mode=visualize draws on rank 0 alone
+FOLLOWED_MODES = ("train", "eval", "pretrain")  # mode=visualize draws on rank 0 alone
 
 
 class FollowerLogger:
@@ -113,7 +114,8 @@ def follow(modes: dict[str, Mode]) -> float:
         cfg = OmegaConf.create(shared["config"])
         if shared["threads"]:
             torch.set_num_threads(shared["threads"])
-        value = modes[cfg.mode](cfg, shared["job"], FollowerLogger())
+        checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+        value = modes[cfg.mode](cfg, shared["job"], FollowerLogger(), checkpoint)
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt | SystemExit):
             raise

@@ -22,8 +22,6 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vitsweep.trainer.checkpoint import load_checkpoint
-
 log = logging.getLogger(__name__)
 
 DATA_SHAPE_KEYS = ("image_size", "in_channels", "num_classes", "crop_size", "resize_to")
@@ -105,14 +103,14 @@ def taken_values(stored: dict) -> dict[str, object]:
     return taken
 
 
-def adopt_trained_config(cfg: DictConfig, overrides: list[str]) -> None:
+def adopt_trained_config(cfg: DictConfig, overrides: list[str], checkpoint: dict | None) -> None:
     """mode=eval / visualize, or training from ckpt_path: set cfg's model, data shape and normalization to
     those stored in the checkpoint; refuse an override that contradicts them. A checkpoint without a
     stored config (not written by run.py) is left to the architecture check."""
-    restoring = cfg.get("ckpt_path") and cfg.mode in ("eval", "visualize", "train")
+    restoring = cfg.get("ckpt_path") and cfg.mode in ("eval", "visualize", "train", "pretrain")
     if not restoring:
         return
-    stored = (load_checkpoint(cfg.ckpt_path, mmap=True).get("config") or {})
+    stored = ((checkpoint or {}).get("config") or {})
     if not isinstance(stored.get("model"), dict):
         return
     taken = taken_values(stored)

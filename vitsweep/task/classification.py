@@ -3,7 +3,8 @@
 The loss is the `loss` config group (cross_entropy, focal, bce; label smoothing, class weights) and the
 metrics the `metrics` group (vitsweep.metrics.ClassificationMetrics); this objective joins them to the
 model's linear head. As a head of a multi-task run its loss is picked by name (`loss: cross_entropy`).
-Missing labels (-1, or a NaN multi-hot row) count in no loss and no metric.
+Missing labels (-1, or a NaN multi-hot row) count in no loss and no metric. Its figure: the confusion
+matrix of a scored split (single-label); its title: the predicted class (and the true one).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from vitsweep.data.targets import ClassLabels, RequiredClassLabels
 from vitsweep.loss import BinaryCrossEntropy, CrossEntropy, FocalLoss
 from vitsweep.metrics import ClassificationMetrics
-from vitsweep.task.base import Evaluator
 from vitsweep.task.heads import PooledLinear
-from vitsweep.task.task import Task
+from vitsweep.task.objective import Objective
+from vitsweep.task.protocol import Evaluator
+from vitsweep.viz.figures import confusion_matrix_figure, prediction_title
 
 LOSSES = {"cross_entropy": CrossEntropy, "focal": FocalLoss, "bce": BinaryCrossEntropy}
 
@@ -47,8 +50,9 @@ class ClassificationEvaluator(Evaluator):
                 **self.objective.metrics(logits, labels, prefix, class_names=self.objective.class_names)}
 
 
-class Classification(Task):
-    kind = "classification"
+class Classification(Objective):
+    name = "classification"
+    explains = "class"  # the predicted class
 
     def __init__(self, loss: Callable[..., nn.Module] | nn.Module | str = "cross_entropy",
                  metrics: ClassificationMetrics | None = None, num_classes: int | None = None,
@@ -62,54 +66,69 @@ class Classification(Task):
             loss = LOSSES[loss]
         self.make_loss, self.metrics = loss, metrics or ClassificationMetrics(multi_label=multi_label)
         self.num_classes, self.multi_label = num_classes, multi_label
-        self.monitor, self.monitor_mode, self.column, self.weight = monitor, monitor_mode, column, weight
+        self.monitor, self.monitor_mode = monitor, monitor_mode
         self.loss_fn, self.class_names, self.has_missing = None, None, False
-        self.configure(aux_heads, aux, granularity)
+        self.configure(aux_heads, aux, granularity, column, weight)
 
     @property
     def num_outputs(self) -> int:
         return self.num_classes
 
+    def reader(self) -> ClassLabels:
+        # without a column of its own: the loader's label column(s), every row labelled
+        return ClassLabels(self.target_name, [self.column]) if self.column else RequiredClassLabels(self.target_name)
+
     def head(self, dim: int, **geometry) -> nn.Module:
         return PooledLinear(dim, self.num_classes)
 
-    def setup(self, train_targets, class_names, model, data) -> None:
-        if train_targets.is_floating_point() and train_targets.dim() == 1 or train_targets.dim() > 2:
+    def fit(self, summary, class_names, model, data) -> None:
+        label_dims = 1 + len(summary["shape"])
+        floating = summary["dtype"].startswith(("float", "bfloat"))
+        if (floating and label_dims == 1) or label_dims > 2 or "class_counts" not in summary:
             raise ValueError(f"task=classification needs class labels, but the data gives targets of shape "
-                             f"{tuple(train_targets.shape)} ({train_targets.dtype}): pick the task that fits them "
-                             f"(task=regression for numbers, task=segmentation for masks)")
+                             f"{(summary['count'], *summary['shape'])} ({summary['dtype']}): pick the task that fits "
+                             f"them (task=regression for numbers, task=segmentation for masks)")
         if self.num_classes is None:
             self.num_classes = len(class_names)
         self.class_names = list(class_names) if class_names else None
-        valid = valid_labels(train_targets)
-        self.has_missing = not bool(valid.all())  # else the loss takes the fast path, with no host sync
-        labelled = train_targets[valid]
-        present = labelled.unique() if labelled.dim() == 1 else (labelled.sum(dim=0) > 0).nonzero().flatten()
-        if labelled.dim() == 1 and len(present) < 2:
-            raise ValueError(f"the training split has {len(present)} class(es) ({present.tolist()}): classification "
+        self.has_missing = summary["labelled"] < summary["count"]  # else the loss takes the fast path, no host sync
+        present = [k for k, count in enumerate(summary["class_counts"]) if count > 0]
+        if label_dims == 1 and len(present) < 2:
+            raise ValueError(f"the training split has {len(present)} class(es) ({present}): classification "
                              f"needs at least two; check the labels (data.num_classes={self.num_classes})")
         if isinstance(self.make_loss, nn.Module):  # a loss built already (in Python: Classification(loss=CrossEntropy()))
             self.loss_fn = self.make_loss
-        else:  # the training labels: for loss.class_weights=balanced, and to check multi_label against the data
-            self.loss_fn = self.make_loss(train_labels=labelled, **self.loss_args())
-        self.loss_fn.to(train_targets.device)
+        else:  # the training labels' summary: for loss.class_weights=balanced, and to check multi_label against the data
+            self.loss_fn = self.make_loss(train_summary=summary, **self.loss_args())
 
     def loss_args(self) -> dict:
         """A loss named by a multi-task head is built here with its head's class count."""
         return {"num_classes": self.num_classes, "multi_label": self.multi_label} if isinstance(
             self.make_loss, type) else {}
 
-    def loss(self, outputs, targets):
+    def head_loss(self, outputs, targets):
+        self.loss_fn.to(outputs.device)  # its class weights follow the outputs (a no-op once there)
         if not self.has_missing:
             return self.loss_fn(outputs, targets)
         valid = valid_labels(targets)
         return self.loss_fn(outputs[valid], targets[valid]) if valid.any() else outputs.sum() * 0
 
-    def batch_scores(self, outputs, targets):
+    def head_scores(self, outputs, targets):
         if self.has_missing:
             valid = valid_labels(targets)
             outputs, targets = outputs[valid], targets[valid]
         return {"acc": self.metrics.batch_accuracy(outputs, targets)}
 
-    def evaluator(self) -> Evaluator:
+    def head_evaluator(self) -> Evaluator:
         return ClassificationEvaluator(self)
+
+    def head_figures(self, evaluator: ClassificationEvaluator):
+        labels = torch.cat(evaluator.labels)
+        if labels.dim() != 1:
+            return {}  # multi-label: no confusion matrix
+        logits, valid = torch.cat(evaluator.logits), labels >= 0
+        return {"confusion_matrix": confusion_matrix_figure(logits[valid], labels[valid], self.class_names)}
+
+    def head_title(self, output, target, class_names):
+        label = None if target is None or target.dim() != 0 else int(target)
+        return prediction_title(output, label, class_names if isinstance(class_names, list) else None)

@@ -21,8 +21,8 @@ from torch import nn
 
 from vitsweep.metrics import ClassificationMetrics
 from vitsweep.task.classification import Classification
+from vitsweep.task.objective import Objective
 from vitsweep.task.regression import Regression
-from vitsweep.task.task import Task
 
 PREDICTIONS = ("value", "class")
 
@@ -32,12 +32,12 @@ class Forecast:
 
     output_mode = "forecasting"
 
-    def setup(self, train_targets, class_names, model, data) -> None:
-        if data.split("train").frames is None:
+    def fit(self, summary, class_names, model, data) -> None:
+        if data.frames is None:
             raise ValueError("task=forecasting predicts from a time series, but the data's samples are single "
                              "images: give each sample frames (data=csv: paths joined by ';' in the image cell, or "
                              "4-D arrays; data=synthetic_series)")
-        super().setup(train_targets, class_names, model, data)
+        super().fit(summary, class_names, model, data)
 
 
 class ForecastRegression(Forecast, Regression):
@@ -51,7 +51,7 @@ class ForecastClassification(Forecast, Classification):
 def Forecasting(predict: str = "value", column: str = "target", regression_loss: str = "mse",
                 loss: Callable[..., nn.Module] | str = "cross_entropy", metrics: ClassificationMetrics | None = None,
                 num_classes: int | None = None, monitor: str = "val/loss", monitor_mode: str = "min",
-                granularity: str = "auto") -> Task:
+                granularity: str = "auto") -> Objective:
     """The forecasting task: its objective per `predict` (see the module docstring), reading `column`."""
     if predict not in PREDICTIONS:
         raise ValueError(f"task.predict={predict!r} is not one of: value (a number h steps ahead), class (the "

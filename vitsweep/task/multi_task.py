@@ -25,20 +25,21 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from vitsweep.data.targets import TargetReader
 from vitsweep.metrics import ClassificationMetrics
-from vitsweep.task.base import Evaluator
 from vitsweep.task.classification import Classification
 from vitsweep.task.heads import MultiHead
+from vitsweep.task.objective import Objective
+from vitsweep.task.protocol import Evaluator, Task
 from vitsweep.task.regression import Regression
 from vitsweep.task.segmentation import Segmentation
-from vitsweep.task.task import Task
 
 HEAD_TYPES = {"classification": Classification, "regression": Regression, "segmentation": Segmentation}
 WEIGHTINGS = ("fixed", "uncertainty")
 HEAD_KEYS = {"type", "column", "loss", "weight", "num_classes", "granularity", "decoder"}
 
 
-def build_objective(name: str, spec: Mapping, metrics: ClassificationMetrics | None, granularity: str):
+def build_objective(name: str, spec: Mapping, metrics: ClassificationMetrics | None, granularity: str) -> Objective:
     spec = dict(spec)
     if spec.get("type") not in HEAD_TYPES:
         raise ValueError(f"task.heads.{name}.type={spec.get('type')} is not one of: {', '.join(HEAD_TYPES)}")
@@ -51,18 +52,21 @@ def build_objective(name: str, spec: Mapping, metrics: ClassificationMetrics | N
     kind, column, weight = spec["type"], spec["column"], float(spec.get("weight", 1.0))
     if kind == "classification":
         per_head_metrics = ClassificationMetrics(names=metrics.names, per_class=metrics.per_class) if metrics else None
-        return Classification(loss=spec.get("loss", "cross_entropy"), metrics=per_head_metrics,
-                              num_classes=spec.get("num_classes"), column=column, weight=weight)
-    if kind == "regression":
-        return Regression(loss=spec.get("loss", "mse"), column=column, weight=weight)
-    return Segmentation(num_classes=spec.get("num_classes"), granularity=spec.get("granularity", granularity),
-                        decoder=spec.get("decoder", "linear"), column=column, weight=weight)
+        objective = Classification(loss=spec.get("loss", "cross_entropy"), metrics=per_head_metrics,
+                                   num_classes=spec.get("num_classes"), column=column, weight=weight)
+    elif kind == "regression":
+        objective = Regression(loss=spec.get("loss", "mse"), column=column, weight=weight)
+    else:
+        objective = Segmentation(num_classes=spec.get("num_classes"), granularity=spec.get("granularity", granularity),
+                                 decoder=spec.get("decoder", "linear"), column=column, weight=weight)
+    objective.target_name = name  # its targets are the batch's targets[name]
+    return objective
 
 
 class MultiTaskEvaluator(Evaluator):
     def __init__(self, task: MultiTask):
         self.task = task
-        self.evaluators = {name: objective.evaluator() for name, objective in task.objectives.items()}
+        self.evaluators = {name: objective.head_evaluator() for name, objective in task.objectives.items()}
 
     def update(self, outputs, targets) -> None:
         for name, evaluator in self.evaluators.items():
@@ -78,7 +82,7 @@ class MultiTaskEvaluator(Evaluator):
 
 
 class MultiTask(Task):
-    kind = "multi_task"
+    name = "multi_task"
 
     def __init__(self, heads: Mapping[str, Mapping], weighting: str = "fixed",
                  metrics: ClassificationMetrics | None = None, granularity: str = "pixel",
@@ -92,25 +96,21 @@ class MultiTask(Task):
                              "target as one more head in task.heads")
         self.objectives = {name: build_objective(name, spec, metrics, granularity) for name, spec in heads.items()}
         self.weighting, self.monitor, self.monitor_mode = weighting, monitor, monitor_mode
-        self.aux_heads, self.aux, self.region, self.log_vars = [], {}, None, None
+        self.log_vars = None
 
-    def data_targets(self) -> dict[str, dict]:
-        return {name: objective.target_spec() for name, objective in self.objectives.items()}
+    def targets(self) -> dict[str, TargetReader]:
+        return {name: objective.reader() for name, objective in self.objectives.items()}
 
     def heads_known(self) -> bool:
         """Whether every head's size is set in the config (else the model waits for the data)."""
         return all(getattr(objective, "num_classes", 0) is not None for objective in self.objectives.values())
 
     def count_classes(self, data) -> None:
-        """Heads without num_classes get their column's class count."""
-        names = data.class_names if isinstance(data.class_names, dict) else {}
+        """Heads without num_classes get their column's class count (a mask head: its largest class + 1)."""
         for name, objective in self.objectives.items():
             if getattr(objective, "num_classes", 0) is None:
-                classes = names.get(name) or []
-                if not classes and objective.kind == "segmentation":
-                    masks = data.split("train").labels[name]
-                    classes = [str(k) for k in range(int(masks[masks != 255].max()) + 1)]
-                objective.num_classes = len(classes)
+                classes = data.class_names(name)
+                objective.num_classes = len(classes) or data.target_summary(name).get("max_class", -1) + 1
 
     def model_args(self) -> dict:
         def head(dim, **geometry) -> nn.Module:
@@ -118,39 +118,49 @@ class MultiTask(Task):
                              learn_log_vars=self.weighting == "uncertainty")
         return {"head": head}
 
-    def setup_task(self, data, model) -> None:
-        labels, names = data.split("train").labels, data.class_names
-        if not isinstance(labels, dict):
-            raise ValueError("task=multi_task needs one target per head, but the data gives one target per image: "  # noqa: TRY004
-                             "use data=csv or data=synthetic, which read task.heads")
-        for name, objective in self.objectives.items():
-            class_names = names.get(name, []) if isinstance(names, dict) else []
-            objective.setup(labels[name], class_names, model, data)
+    def setup(self, data, model) -> None:
+        for objective in self.objectives.values():
+            objective.fit(data.target_summary(objective.target_name), data.class_names(objective.target_name),
+                          model, data)
         self.log_vars = model.head.log_vars
 
-    def training_loss(self, outputs, targets) -> torch.Tensor:
+    def loss(self, outputs, targets) -> torch.Tensor:
         total = 0.0
         for i, (name, objective) in enumerate(self.objectives.items()):
-            loss = objective.weight * objective.loss(outputs[name], targets[name])
+            loss = objective.weight * objective.head_loss(outputs[name], targets[name])
             if self.log_vars is not None:
                 loss = torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]
             total = total + loss
         return total
 
-    def training_scores(self, outputs, targets) -> dict[str, torch.Tensor]:
+    def batch_scores(self, outputs, targets) -> dict[str, torch.Tensor]:
         return {f"{name}/{key}": value for name, objective in self.objectives.items()
-                for key, value in objective.batch_scores(outputs[name], targets[name]).items()}
+                for key, value in objective.head_scores(outputs[name], targets[name]).items()}
 
-    def task_evaluator(self) -> Evaluator:
+    def evaluator(self) -> Evaluator:
         return MultiTaskEvaluator(self)
 
     def is_headline(self, key: str) -> bool:
         parts = key.split("/")  # split / loss, or split / head / metric [/ class]
         return len(parts) == 2 or (len(parts) == 3 and parts[1] in self.objectives)
 
-    def task_state(self) -> dict:
-        return {"kind": self.kind, "heads": {name: objective.state_dict() for name, objective in self.objectives.items()}}
+    def figures(self, evaluator: MultiTaskEvaluator, data) -> dict:
+        """The figures of each head, prefixed with its name."""
+        return {f"{name}_{key}": figure for name, objective in self.objectives.items()
+                for key, figure in objective.head_figures(evaluator.evaluators[name]).items()}
 
-    def load_task_state(self, state: dict) -> None:
+    def title(self, output, target, class_names) -> str:
+        return " | ".join(f"{name}: {objective.head_title(output[name], None if target is None else target[name], None)}"
+                          for name, objective in self.objectives.items())
+
+    def sample_figures(self, model, images, outputs, targets, titles, style) -> dict:
+        return {f"{name}_{key}": figure for name, objective in self.objectives.items()
+                for key, figure in objective.head_sample_figures(images, outputs[name], None if targets is None
+                                                                 else targets[name], titles, style).items()}
+
+    def state_dict(self) -> dict:
+        return {"kind": self.name, "heads": {name: objective.state_dict() for name, objective in self.objectives.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
         for name, objective in self.objectives.items():
             objective.load_state_dict(state["heads"][name])

@@ -5,7 +5,8 @@ with the task's state), so the head learns numbers of order one whatever their u
 predicts standardized values and every metric is reported in the original units. Loss: mse | l1 |
 huber (on standardized values). Metrics (torchmetrics): MAE, RMSE, R², the mean over targets as the
 headline and `<metric>/<target>` per target when there are several. A NaN target value counts in no
-loss and no metric.
+loss and no metric. Its figure: predicted against true values of a scored split, one panel per target;
+its title: the predicted values (and the true ones).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
 
-from vitsweep.task.base import Evaluator, masked_mean
+from vitsweep.data.targets import Values
 from vitsweep.task.heads import PooledLinear
-from vitsweep.task.task import Task
+from vitsweep.task.objective import Objective, masked_mean
+from vitsweep.task.protocol import Evaluator
+from vitsweep.viz.figures import regression_scatter
 
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
 
@@ -34,7 +37,7 @@ class RegressionEvaluator(Evaluator):
 
     def compute(self, prefix: str) -> dict[str, float]:
         outputs, targets = torch.cat(self.outputs), torch.cat(self.targets)
-        out = {f"{prefix}/loss": self.objective.loss(outputs, targets).item()}
+        out = {f"{prefix}/loss": self.objective.head_loss(outputs, targets).item()}
         predictions = self.objective.predict(outputs)  # original units
         per_target = {"mae": [], "rmse": [], "r2": []}
         for j, name in enumerate(self.objective.names):
@@ -55,8 +58,10 @@ class RegressionEvaluator(Evaluator):
         return out
 
 
-class Regression(Task):
-    kind = "regression"
+class Regression(Objective):
+    name = "regression"
+    target_name = "target"
+    explains = "output"  # the first target
 
     def __init__(self, targets: Sequence[str] = ("target",), loss: str = "mse", huber_delta: float = 1.0,
                  standardize: bool = True, monitor: str = "val/rmse", monitor_mode: str = "min",
@@ -71,17 +76,17 @@ class Regression(Task):
         if not self.names:
             raise ValueError("task.targets is empty: name the target columns, e.g. task.targets=[crowd_size]")
         self.loss_name, self.huber_delta, self.standardize = loss, huber_delta, standardize
-        self.monitor, self.monitor_mode, self.column, self.weight = monitor, monitor_mode, column, weight
+        self.monitor, self.monitor_mode = monitor, monitor_mode
         self.mean = torch.zeros(len(self.names))
         self.std = torch.ones(len(self.names))
-        self.configure(aux_heads, aux, granularity)
+        self.configure(aux_heads, aux, granularity, column, weight)
 
     @property
     def num_outputs(self) -> int:
         return len(self.names)
 
-    def target_spec(self) -> dict:
-        return {"type": "regression", "columns": list(self.names)}
+    def reader(self) -> Values:
+        return Values(self.target_name, self.names)
 
     def head_args(self) -> dict:
         return {"num_classes": self.num_outputs}  # the trunk's linear head: one output per target
@@ -89,26 +94,25 @@ class Regression(Task):
     def head(self, dim: int, **geometry) -> nn.Module:
         return PooledLinear(dim, self.num_outputs)
 
-    def setup(self, train_targets, class_names, model, data) -> None:
-        targets = train_targets.view(len(train_targets), -1) if train_targets.dim() == 1 else train_targets
-        if not train_targets.is_floating_point() or targets.dim() != 2:
+    def fit(self, summary, class_names, model, data) -> None:
+        present = summary.get("present")
+        if present is None or len(summary["shape"]) > 1:
             raise ValueError(f"task=regression needs numeric targets (N, {self.num_outputs}), but the data gives "
-                             f"{tuple(train_targets.shape)} {train_targets.dtype}: class labels go with "
+                             f"{(summary['count'], *summary['shape'])} {summary['dtype']}: class labels go with "
                              f"task=classification; data=csv or data=synthetic give numeric targets")
-        if targets.shape[1] != self.num_outputs:
+        if len(present) != self.num_outputs:
             raise ValueError(f"task.targets names {self.num_outputs} target(s) ({', '.join(self.names)}) but the data "
-                             f"gives {targets.shape[1]}")
+                             f"gives {len(present)}")
         if self.standardize:
-            valid = ~targets.isnan()
-            count = valid.sum(dim=0)
+            count = torch.tensor(present, dtype=torch.float64)
             if (count < 2).any():
-                empty = [name for name, n in zip(self.names, count.tolist()) if n < 2]
+                empty = [name for name, n in zip(self.names, present) if n < 2]
                 raise ValueError(f"regression target(s) {', '.join(empty)} have fewer than 2 values in the training "
                                  f"split: nothing to learn")
-            filled = torch.where(valid, targets, 0.0)
-            mean = filled.sum(dim=0) / count
-            var = (torch.where(valid, targets - mean, 0.0) ** 2).sum(dim=0) / (count - 1)
-            self.mean, self.std = mean.cpu(), var.sqrt().clamp_min(1e-8).cpu()
+            total, squares = torch.tensor(summary["sum"]), torch.tensor(summary["sum_sq"])
+            mean = total / count
+            var = ((squares - count * mean.square()) / (count - 1)).clamp_min(0)  # the unbiased variance
+            self.mean, self.std = mean.float(), var.sqrt().clamp_min(1e-8).float()
 
     def standardized(self, targets: torch.Tensor) -> torch.Tensor:
         targets = targets.view(len(targets), -1).float()
@@ -118,24 +122,34 @@ class Regression(Task):
         """Model outputs (B, T) -> predictions in the targets' original units."""
         return outputs.float() * self.std.to(outputs.device) + self.mean.to(outputs.device)
 
-    def loss(self, outputs, targets):
+    def head_loss(self, outputs, targets):
         target = self.standardized(targets)
         valid = ~target.isnan()
         kwargs = {"delta": self.huber_delta} if self.loss_name == "huber" else {}
         per_value = LOSSES[self.loss_name](outputs.float(), torch.where(valid, target, 0.0), reduction="none", **kwargs)
         return masked_mean(per_value, valid)
 
-    def batch_scores(self, outputs, targets):
+    def head_scores(self, outputs, targets):
         targets = targets.view(len(targets), -1).float()
         valid = ~targets.isnan()
         error = (self.predict(outputs.detach()) - torch.where(valid, targets, 0.0)).abs()
         return {"mae": masked_mean(error, valid)}
 
-    def evaluator(self) -> Evaluator:
+    def head_evaluator(self) -> Evaluator:
         return RegressionEvaluator(self)
 
+    def head_figures(self, evaluator: RegressionEvaluator):
+        predictions = self.predict(torch.cat(evaluator.outputs))
+        return {"regression_scatter": regression_scatter(predictions, torch.cat(evaluator.targets), self.names)}
+
+    def head_title(self, output, target, class_names):
+        text = "pred " + ", ".join(f"{v:.3g}" for v in self.predict(output[None])[0].tolist())
+        if target is not None:
+            text += " | true " + ", ".join(f"{v:.3g}" for v in target.float().view(-1).tolist())
+        return text
+
     def state_dict(self) -> dict:
-        return {"names": list(self.names), "mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {"kind": self.name, "names": list(self.names), "mean": self.mean.tolist(), "std": self.std.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.std = torch.tensor(state["mean"]), torch.tensor(state["std"])

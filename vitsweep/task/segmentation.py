@@ -8,7 +8,8 @@ The data gives masks (N, H, W): a class index per pixel, IGNORE_INDEX (255) wher
   augmentation so labels and patches stay aligned.
 Loss: cross entropy over labelled pixels (patches), optional class weights. Metrics: mIoU (the mean
 IoU over the classes present in the target or the prediction), IoU per class (`iou/<class>`), pixel
-accuracy, from one confusion matrix accumulated over the split (torchmetrics).
+accuracy, from one confusion matrix accumulated over the split (torchmetrics). Its figures of a few images:
+each with its true and predicted mask; its title: the image's pixel accuracy.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from torch import nn
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from vitsweep.data.splits import IGNORE_INDEX
-from vitsweep.task.base import Evaluator
+from vitsweep.data.targets import Masks
 from vitsweep.task.heads import PatchHead, SegmentationDecoder
 from vitsweep.task.masks import MaskLabels, mask_cross_entropy
-from vitsweep.task.task import Task
+from vitsweep.task.objective import Objective
+from vitsweep.task.protocol import Evaluator
+from vitsweep.viz.figures import segmentation_figure
 
 GRANULARITIES = ("pixel", "patch")
 
@@ -61,8 +64,9 @@ class SegmentationEvaluator(Evaluator):
         return out
 
 
-class Segmentation(Task):
-    kind = "segmentation"
+class Segmentation(Objective):
+    name = "segmentation"
+    target_name = "mask"
 
     def __init__(self, num_classes: int | None = None, granularity: str = "pixel", decoder: str = "linear",
                  decoder_channels: int = 64, class_weights: Sequence[float] | None = None,
@@ -75,9 +79,12 @@ class Segmentation(Task):
         self.num_classes, self.granularity = num_classes, granularity
         self.decoder, self.decoder_channels = decoder, decoder_channels
         self.class_weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float)
-        self.monitor, self.monitor_mode, self.column, self.weight = monitor, monitor_mode, column, weight
+        self.monitor, self.monitor_mode = monitor, monitor_mode
         self.class_names, self.labels_at_output = None, MaskLabels(num_classes, granularity)
-        self.configure(aux_heads, aux)
+        self.configure(aux_heads, aux, column=column, weight=weight)
+
+    def reader(self) -> Masks:
+        return Masks(self.target_name, [self.column] if self.column else [])
 
     def head_args(self) -> dict:
         return {"head": self.head}
@@ -88,17 +95,16 @@ class Segmentation(Task):
         return SegmentationDecoder(dim, self.num_classes, decoder=self.decoder, channels=self.decoder_channels,
                                    **geometry)
 
-    def setup(self, train_targets, class_names, model, data) -> None:
-        images = data.split("train").images
-        if train_targets.dim() != 3 or tuple(train_targets.shape[-2:]) != tuple(images.shape[-2:]):
+    def fit(self, summary, class_names, model, data) -> None:
+        side = data.image_size  # the stored images' side, as decoded
+        if len(summary["shape"]) != 2 or tuple(summary["shape"]) != (side, side) or "max_class" not in summary:
             raise ValueError(f"task=segmentation needs a mask (H, W) per image, but the data gives targets of shape "
-                             f"{tuple(train_targets.shape[1:])} for images {tuple(images.shape[-2:])}: use "
-                             f"data=maskfolder, a mask column with data=csv, or data=synthetic")
-        if getattr(data, "eval_views", 1) > 1:
+                             f"{tuple(summary['shape'])} for images {(side, side)}: use data=maskfolder, a mask "
+                             f"column with data=csv, or data=synthetic")
+        if data.eval_views > 1:
             raise ValueError("data.eval_crop=tiled averages the outputs of several windows, which a per-pixel "
                              "output cannot do: set data.eval_crop=center for task=segmentation")
-        labelled = train_targets[train_targets != IGNORE_INDEX]
-        top = int(labelled.max()) if labelled.numel() else -1
+        top = summary["max_class"]
         if self.num_classes is None:
             self.num_classes = len(class_names) if class_names else top + 1
         if top >= self.num_classes:
@@ -113,14 +119,28 @@ class Segmentation(Task):
     def class_weights_on(self, device):
         return None if self.class_weights is None else self.class_weights.to(device)
 
-    def loss(self, outputs, targets):
+    def head_loss(self, outputs, targets):
         return mask_cross_entropy(outputs, self.labels_at_output(targets), self.class_weights_on(outputs.device))
 
-    def batch_scores(self, outputs, targets):
+    def head_scores(self, outputs, targets):
         labels = self.labels_at_output(targets)
         labelled = labels != IGNORE_INDEX
         right = (outputs.argmax(dim=1) == labels) & labelled
         return {"pixel_acc": right.sum() / labelled.sum().clamp_min(1)}
 
-    def evaluator(self) -> Evaluator:
+    def head_evaluator(self) -> Evaluator:
         return SegmentationEvaluator(self)
+
+    def head_title(self, output, target, class_names):
+        if target is None:
+            return ""
+        labels = self.labels_at_output(target[None])[0]
+        labelled = labels != IGNORE_INDEX
+        right = (output.argmax(dim=0) == labels) & labelled
+        return f"pixel acc {right.sum().item() / max(labelled.sum().item(), 1):.2f}"
+
+    def head_sample_figures(self, images, outputs, targets, titles, style):
+        true_masks = None if targets is None else self.labels_at_output(targets)
+        figure = segmentation_figure(images.cpu(), None if true_masks is None else true_masks.cpu(),
+                                     outputs.argmax(dim=1).cpu(), self.num_classes, titles, **style)
+        return {"segmentation": figure}

@@ -1,6 +1,7 @@
 """Look inside a trained ViT: attention maps and rollout (`attention`), captum explanations
-(`explain`), their figures and the confusion matrix (`figures`), and the end-of-run report that the
-`viz` config group builds (`report`)."""
+(`explain`), their figures and the drawing of the tasks' figures (`figures`: confusion matrix, scatter of
+predictions, masks; each task picks its own), and the end-of-run report that the `viz` config group builds
+(`report`)."""
 
 from vitsweep.viz.attention import (
     attention_rollout,
@@ -17,7 +18,6 @@ from vitsweep.viz.figures import (
     save_figure,
     visualize_attention,
 )
-from vitsweep.viz.tasks import split_figures
 
 __all__ = [
     "attention_figure",
@@ -30,6 +30,5 @@ __all__ = [
     "patch_attention_maps",
     "rollout_patch_map",
     "save_figure",
-    "split_figures",
     "visualize_attention",
 ]

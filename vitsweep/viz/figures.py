@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from vitsweep.data.splits import IGNORE_INDEX
 from vitsweep.viz.attention import (
     attention_rollout,
     collect_attentions,
@@ -216,3 +217,62 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     fig.savefig(path, format="png", dpi=dpi)
     fig.clear()  # a pyplot-free Figure has no window to close; clearing releases its memory
     return path
+
+
+def regression_scatter(predictions: torch.Tensor, targets: torch.Tensor, names: Sequence[str]) -> Figure:
+    """One panel per target: predicted (y) against true (x) values, with the identity line and R²."""
+    fig = Figure(figsize=(3.2 * len(names), 3.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    for j, (ax, name) in enumerate(zip(axes, names)):
+        true, pred = targets[:, j].float().cpu(), predictions[:, j].float().cpu()
+        valid = ~true.isnan()
+        true, pred = true[valid].numpy(), pred[valid].numpy()
+        ax.scatter(true, pred, s=6, alpha=0.5)
+        if len(true):
+            low, high = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+            ax.plot([low, high], [low, high], color="black", linewidth=0.8)
+            residual = ((pred - true) ** 2).sum()
+            total = ((true - true.mean()) ** 2).sum()
+            ax.set_title(f"{name}: R² {1 - residual / max(total, 1e-12):.3f} (n={len(true)})", fontsize=9)
+        ax.set_xlabel("true")
+        ax.set_ylabel("predicted")
+    return fig
+
+
+def mask_to_rgb(mask: torch.Tensor, num_classes: int) -> np.ndarray:
+    """(H, W) class indices -> (H, W, 3) colours from the tab20 palette; ignored pixels grey."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"](np.linspace(0, 1, 20))[:, :3]
+    mask = mask.cpu().long().numpy()
+    rgb = palette[np.clip(mask, 0, None) % 20]
+    rgb[mask == IGNORE_INDEX] = 0.5
+    return rgb
+
+
+def segmentation_figure(images: torch.Tensor, true_masks: torch.Tensor | None, predicted: torch.Tensor,
+                        num_classes: int, titles: Sequence[str], rgb_bands=None, mean=None, std=None) -> Figure:
+    """A row per image: the image, the true mask (when known) and the predicted mask over the image."""
+    columns = 3 if true_masks is not None else 2
+    fig = Figure(figsize=(PANEL_INCHES * columns, PANEL_INCHES * len(images) + 0.2), layout="constrained")
+    axes = fig.subplots(len(images), columns, squeeze=False)
+    for row in range(len(images)):
+        rgb = image_to_rgb(images[row], rgb_bands, mean, std)
+        panels = [(rgb, titles[row])]
+        if true_masks is not None:
+            panels.append((0.25 * rgb + 0.75 * resize_nearest(mask_to_rgb(true_masks[row], num_classes), rgb), "true"))
+        panels.append((0.25 * rgb + 0.75 * resize_nearest(mask_to_rgb(predicted[row], num_classes), rgb), "predicted"))
+        for ax, (picture, title) in zip(axes[row], panels):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    return fig
+
+
+def resize_nearest(picture: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """A (h, w, 3) picture (a patch-level mask) blown up to `like`'s (H, W) by repetition."""
+    if picture.shape[:2] == like.shape[:2]:
+        return picture
+    rows = np.arange(like.shape[0]) * picture.shape[0] // like.shape[0]
+    cols = np.arange(like.shape[1]) * picture.shape[1] // like.shape[1]
+    return picture[rows][:, cols]

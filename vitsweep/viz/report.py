@@ -30,13 +30,11 @@ from vitsweep.viz.attention import collect_attentions, eval_mode
 from vitsweep.viz.explain import EXPLAINERS, NEEDS_TOKEN_GRID
 from vitsweep.viz.figures import (
     explanation_figure,
-    heatmaps_figure,
     prediction_title,
     save_figure,
     visualize_attention,
 )
 from vitsweep.viz.frames import frame_attention, frames_figure
-from vitsweep.viz.tasks import sample_title, segmentation_figure
 
 log = logging.getLogger(__name__)
 
@@ -161,23 +159,26 @@ class FigureReport:
         return figures
 
     def write_for(self, model, data, image_size, out_dir: Path, task=None) -> dict[str, Path]:
-        """`inputs` then `write`: the figures of `model` for this report's images of `data`; for a task other
-        than classification, `write_task` (titles, explanations and figures of that task)."""
+        """`inputs` then the figures of `model` for this report's images of `data`: with a task (the
+        protocol of vitsweep/task/protocol.py), titled with its predictions and truth, its explanations and
+        its own figures (`write_task`); without one, as a classifier's (`write`)."""
         images, labels, names = self.inputs(data, image_size)
         mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
+        class_names = data.class_names()
         if isinstance(images, Inputs) and images.images.dim() == 4 and model.metadata.fusion == "none":
             images = images.images  # an image model: the metadata the data carries is not its input
         if isinstance(images, Inputs) or images.dim() == 5:  # time series, or metadata the model reads
-            return self.write_frames(model, task, images, labels, data.class_names, Path(out_dir), mean, std)
-        if task is None or task.kind == "classification":
-            return self.write(model, images, labels, data.class_names, out_dir, mean=mean, std=std, names=names)
-        return self.write_task(model, task, images, labels, data.class_names, Path(out_dir), mean, std, names)
+            return self.write_frames(model, task, images, labels, class_names, Path(out_dir), mean, std)
+        if task is None:
+            return self.write(model, images, labels, class_names, out_dir, mean=mean, std=std, names=names)
+        return self.write_task(model, task, images, labels, class_names, Path(out_dir), mean, std, names)
 
     def write_task(self, model, task, images, labels, class_names, out_dir: Path, mean, std,
                    names) -> dict[str, Path]:
-        """Regression, segmentation, multi-task: attention figures titled with the task's prediction and
-        truth; explanations of regression output 0 (segmentation and multi-task outputs are not one number
-        per image: rollout only); segmentation's masks; the auxiliary attention head's maps."""
+        """Attention figures titled with the task's prediction and truth (`task.title`); explanations of what
+        the task says its output means (`task.explains`: the predicted class, output 0, or rollout only for
+        outputs that are not one number per image); the task's own figures of these images
+        (`task.sample_figures`: segmentation's masks, the auxiliary attention head's maps)."""
         self.check(model)
         style = {"rgb_bands": self.rgb_bands, "mean": mean, "std": std}
         grid = keeps_token_grid(model)
@@ -187,44 +188,39 @@ class FigureReport:
             log.info("figures: no per-head attention maps: %s", without_token_grid(model))
             with eval_mode(model), torch.no_grad():
                 outputs = model(images)
-        titles = [sample_title(task, map_targets(lambda t, i=i: t[i], outputs),
-                               None if labels is None else map_targets(lambda t, i=i: t[i], labels), class_names)
+        titles = [task.title(map_targets(lambda t, i=i: t[i], outputs),
+                             None if labels is None else map_targets(lambda t, i=i: t[i], labels), class_names)
                   for i in range(images.shape[0])]
         figures = {}
         for i, name in enumerate(names if grid else []):
             figure = visualize_attention(model, images[i], layer=self.layer, title=titles[i], **style)
             figures[f"viz/attention_{i:02d}"] = save_figure(figure, out_dir / f"attention_{i:02d}_{name}.png")
         wanted = self.methods_for(model)
-        methods = wanted if task.kind == "regression" else [m for m in wanted if m == "rollout"]
+        methods = wanted if task.explains else [m for m in wanted if m == "rollout"]
         if methods != wanted:
             log.info("viz.explain: %s explain one number per image; task=%s has more: drawing rollout only",
-                     ", ".join(m for m in wanted if m != "rollout"), task.kind)
+                     ", ".join(m for m in wanted if m != "rollout"), task.name)
         if methods:
-            figure = explanation_figure(model, images, methods=methods, targets=[0] * images.shape[0], titles=titles,
-                                        **style)
+            targets = [0] * images.shape[0] if task.explains == "output" else None  # None: the predicted class
+            figure = explanation_figure(model, images, methods=methods, targets=targets, titles=titles, **style)
             figures["viz/explanations"] = save_figure(figure, out_dir / "explanations.png")
-        if task.kind == "segmentation":
-            true_masks = None if labels is None else task.labels_at_output(task.split_targets(labels)[0])
-            figure = segmentation_figure(images.cpu(), None if true_masks is None else true_masks.cpu(),
-                                         outputs.argmax(dim=1).cpu(), task.num_classes, titles, **style)
-            figures["viz/segmentation"] = save_figure(figure, out_dir / "segmentation.png")
-        if "attention" in getattr(task, "aux_heads", []) and labels is not None:
-            figure = aux_attention_figure(model, task, images, labels, **style)
-            figures["viz/aux_attention"] = save_figure(figure, out_dir / "aux_attention.png")
+        for key, figure in task.sample_figures(model, images, outputs, labels, titles, style).items():
+            figures[f"viz/{key}"] = save_figure(figure, out_dir / f"{key}.png")
         return figures
-
 
     def write_frames(self, model, task, batch, labels, class_names, out_dir: Path, mean, std) -> dict[str, Path]:
         """`frames.png`: each sample's frames with their attention maps and the weights over frames, titled
         with the task's prediction and truth."""
         self.check(model)
         outputs, maps, weights = frame_attention(model, batch, self.layer)
+
         def title(i):
             output = map_targets(lambda t: t[i], outputs)
             target = None if labels is None else map_targets(lambda t: t[i], labels)
             if task is None:
                 return prediction_title(output, None if target is None else int(target), class_names)
-            return sample_title(task, output, target, class_names)
+            return task.title(output, target, class_names)
+
         figure = frames_figure(batch, maps, weights, [title(i) for i in range(maps.shape[0])],
                                rgb_bands=self.rgb_bands, mean=mean, std=std)
         log.info("viz: attention over frames in frames.png (per-image attention and explanations: image models)")
@@ -259,16 +255,3 @@ def read_image_file(path: str, in_channels: int, image_size) -> torch.Tensor:
     resized = F.interpolate(image[None].float().div(255), size=size, mode="bilinear", antialias=True,
                             align_corners=False)
     return resized[0].clamp(0, 1)  # (C, H, W)
-
-
-@torch.no_grad()
-def aux_attention_figure(model, task, images: torch.Tensor, labels, rgb_bands=None, mean=None, std=None):
-    """The auxiliary attention head's output (task.aux_heads=[attention]) beside its target, the region
-    mask's foreground, per image."""
-    head = model.aux_heads["attention"]
-    with eval_mode(model):
-        maps = head(model.features(images, [head]))  # (B, gh, gw)
-    regions = task.region(task.split_targets(labels)[1])  # (B, gh, gw) patch labels
-    foreground = ((regions > 0) & (regions != 255)).float()
-    return heatmaps_figure(images.cpu(), {"aux attention": maps.cpu(), "region foreground": foreground.cpu()},
-                           rgb_bands=rgb_bands, mean=mean, std=std)

@@ -9,16 +9,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
 
-from vitsweep.pretrain.dino import DINOModel
-from vitsweep.pretrain.mae import MaskedAutoencoder, patchify, unpatchify
 from vitsweep.pretrain.objective import fixed_randomness
+from vitsweep.pretrain.patches import patchify, unpatchify
 from vitsweep.viz.attention import eval_mode
-from vitsweep.viz.figures import PANEL_INCHES, image_to_rgb, save_figure, visualize_attention
+from vitsweep.viz.figures import PANEL_INCHES, image_to_rgb, visualize_attention
+
+if TYPE_CHECKING:
+    from vitsweep.pretrain.mae import MaskedAutoencoder
 
 
 @torch.no_grad()
@@ -58,18 +60,9 @@ def reconstruction_figure(model: MaskedAutoencoder, images: torch.Tensor, names:
     return fig
 
 
-def pretrain_figures(model, images: torch.Tensor, out_dir: Path, names: Sequence[str], rgb_bands=None, mean=None,
-                     std=None) -> dict[str, Path]:
-    """Write the figures of a pretraining method's model for model inputs `images`; {logger key: PNG}."""
-    out_dir = Path(out_dir)
-    style = {"rgb_bands": rgb_bands, "mean": mean, "std": std}
-    if isinstance(model, MaskedAutoencoder):
-        figure = reconstruction_figure(model, images, names, **style)
-        return {"viz/reconstructions": save_figure(figure, out_dir / "reconstructions.png")}
-    if isinstance(model, DINOModel):
-        figures = {}
-        for i, name in enumerate(names):
-            figure = visualize_attention(model.encoder, images[i], title=f"DINO teacher, {name}", **style)
-            figures[f"viz/attention_{i:02d}"] = save_figure(figure, out_dir / f"attention_{i:02d}_{name}.png")
-        return figures
-    raise TypeError(f"no pretraining figures for {type(model).__name__}")
+def teacher_attention_figures(encoder, images: torch.Tensor, names: Sequence[str], rgb_bands=None, mean=None,
+                              std=None) -> dict[str, Figure]:
+    """{attention_<i>_<name>: the teacher encoder's attention on image i}."""
+    return {f"attention_{i:02d}_{name}": visualize_attention(encoder, images[i], title=f"DINO teacher, {name}",
+                                                             rgb_bands=rgb_bands, mean=mean, std=std)
+            for i, name in enumerate(names)}
