@@ -82,16 +82,16 @@ def budgeted_fit(tmp_path, name, monkeypatch, step_seconds, eval_seconds: float 
         steps_done[0] += 1
         return images, targets
 
-    evaluate = trainer.evaluate
+    evaluate = trainer.validate
 
     def slow_evaluate(*args, **kwargs):
         clock.now += eval_seconds
         return evaluate(*args, **kwargs)
 
-    trainer.evaluate = slow_evaluate
+    trainer.validate = slow_evaluate
     logger = RunLogger(tmp_path / name)
     task = Classification(loss=CrossEntropy(), num_classes=3)
-    task.setup_task(data, model)
+    task.setup(data, model)
     try:
         result = trainer.fit(model, data, augment, task, optimizer, scheduler, logger,
                              tmp_path / name / "checkpoints", seed=0, checkpoint_extra={}, resume_state=resume_state)

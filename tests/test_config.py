@@ -78,7 +78,7 @@ def test_pretrain_mode_composes_and_builds_each_method_around_the_model(method):
     cfg = composed(["mode=pretrain", f"pretrain={method}"])
     assert cfg.mode == "pretrain" and cfg.pretrain._target_ == f"vitsweep.pretrain.{method.upper()}"
     encoder = instantiate(cfg.model, num_classes=0)
-    model = instantiate(cfg.pretrain).build(encoder)
+    model = instantiate(cfg.pretrain).wrap(encoder)
     assert model.encoder is encoder or method == "dino"  # DINO: `encoder` is the teacher, a copy of the student
     outputs = model.eval()(torch.randn(2, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size))
     assert outputs["features"].shape == (2, cfg.model.embed_dim) and outputs["loss"].shape == (2,)

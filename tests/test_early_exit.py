@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_RUN, read_summary, run_cli
 
+from vitsweep.data.targets import ClassLabels
 from vitsweep.loss import CrossEntropy
 from vitsweep.model import VisionTransformer, create_vit
 from vitsweep.model.early_exit import ConfidenceExit, exit_outputs, record_exits
@@ -35,18 +36,20 @@ def exiting_vit(threshold, criterion="max_prob", **kwargs):
 
 def exit_task(model, labels):
     task = Classification(loss=CrossEntropy(), num_classes=CLASSES)
-    task.setup(labels, [], model, None)
+    task.fit(ClassLabels("label").summarize(labels), [], model, None)
     task.check_early_exit(model)
     return task
 
 
 def evaluate(model, images, labels):
-    """What Trainer.evaluate does with an early-exit model, on one batch: the early-exited logits and the
+    """What Trainer.validate does with an early-exit model, on one batch: the early-exited logits and the
     task's metrics (val/acc, exit_acc/<layer>, exit_share/<layer>, mean_depth)."""
-    evaluator = exit_task(model, labels).task_evaluator()
+    evaluator = exit_task(model, labels).evaluator()
     with torch.no_grad(), record_exits(model) as exits:
         logits = model(images)
     evaluator.update(exit_outputs(logits, exits), labels)
+    with torch.no_grad():  # the evaluator's own forward records the same
+        assert torch.equal(evaluator.forward(model, images)["exit_logits"], exit_outputs(logits, exits)["exit_logits"])
     return logits, exits, evaluator.compute("val")
 
 
@@ -147,14 +150,14 @@ def test_training_adds_the_weighted_exit_losses_and_trains_the_exit_heads():
     task = exit_task(model, LABELS)
     outputs = model(IMAGES)
     assert outputs["out"].shape == (32, CLASSES) and outputs["early_exits"].shape == (len(BLOCKS), 32, CLASSES)
-    loss = task.training_loss(outputs, LABELS)
+    loss = task.loss(outputs, LABELS)
     expected = F.cross_entropy(outputs["out"], LABELS) + 0.5 * sum(
         F.cross_entropy(logits, LABELS) for logits in outputs["early_exits"])
     torch.testing.assert_close(loss, expected)
     loss.backward()
     for name, param in model.early_exit.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
-    assert task.training_scores(outputs, LABELS)["acc"] >= 0  # scores read the final head
+    assert task.batch_scores(outputs, LABELS)["acc"] >= 0  # scores read the final head
 
 
 def test_exit_heads_pool_like_the_final_head_and_count_as_heads():

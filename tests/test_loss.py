@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from vitsweep.data import DataModule
 from vitsweep.data.synthetic import load_synthetic
+from vitsweep.data.targets import ClassLabels
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.loss import BinaryCrossEntropy, CrossEntropy, FocalLoss, resolve_class_weights
 from vitsweep.metrics import ClassificationMetrics
@@ -24,6 +25,11 @@ from vitsweep.trainer import Trainer
 CONF = Path(__file__).resolve().parents[1] / "conf"
 K = 4
 
+
+
+def summary(labels: torch.Tensor) -> dict:
+    """What the task hands a loss: the training labels summarized by their reader (no labels held)."""
+    return ClassLabels("label").summarize(labels)
 
 def batch(n=16, seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -92,10 +98,10 @@ def test_label_smoothing_moves_the_target_off_one_hot():
 
 def test_balanced_weights_up_weight_the_rare_class():
     labels = torch.tensor([0] * 90 + [1] * 10)
-    weights = resolve_class_weights("balanced", 2, labels)
+    weights = resolve_class_weights("balanced", 2, summary(labels))
     torch.testing.assert_close(weights, torch.tensor([100 / (2 * 90), 100 / (2 * 10)]))
     # a mistake on the rare class now costs more than the same mistake on the common one
-    loss = CrossEntropy(class_weights="balanced", num_classes=2, train_labels=labels)
+    loss = CrossEntropy(class_weights="balanced", num_classes=2, train_summary=summary(labels))
     wrong = torch.tensor([[0.0, 0.0]])
     per_class = [F.cross_entropy(wrong, torch.tensor([c]), weight=weights, reduction="sum") for c in (0, 1)]
     assert per_class[1] > 8 * per_class[0]
@@ -104,7 +110,7 @@ def test_balanced_weights_up_weight_the_rare_class():
     torch.testing.assert_close(loss(logits, both), F.cross_entropy(logits, both, weight=weights))
     # multi-hot labels: positives per class
     multi_hot = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    torch.testing.assert_close(resolve_class_weights("balanced", 2, multi_hot), torch.tensor([4 / 8, 4 / 2]))
+    torch.testing.assert_close(resolve_class_weights("balanced", 2, summary(multi_hot)), torch.tensor([4 / 8, 4 / 2]))
 
 
 def test_class_weights_fail_clearly():
@@ -113,7 +119,7 @@ def test_class_weights_fail_clearly():
     with pytest.raises(ValueError, match="loss.class_weights='inverse' is not one of"):
         CrossEntropy(class_weights="inverse", num_classes=4)
     with pytest.raises(ValueError, match="classes \\[2\\] have no training images"):
-        FocalLoss(class_weights="balanced", num_classes=3, train_labels=torch.tensor([0, 1, 1]))
+        FocalLoss(class_weights="balanced", num_classes=3, train_summary=summary(torch.tensor([0, 1, 1])))
     with pytest.raises(ValueError, match="must be finite and >= 0"):
         BinaryCrossEntropy(class_weights=[1.0, -1.0], num_classes=2)
     with pytest.raises(ValueError, match="needs the training labels"):
@@ -123,11 +129,11 @@ def test_class_weights_fail_clearly():
 def test_label_set_up_mismatches_fail_clearly():
     indices, multi_hot = torch.tensor([0, 1, 2]), torch.tensor([[1.0, 0.0, 1.0]])
     with pytest.raises(ValueError, match="loss=cross_entropy is a softmax over exclusive classes"):
-        CrossEntropy(multi_label=True, train_labels=multi_hot)
+        CrossEntropy(multi_label=True, train_summary=summary(multi_hot))
     with pytest.raises(ValueError, match="multi_label=true but the training labels are one class index"):
-        BinaryCrossEntropy(multi_label=True, train_labels=indices)
+        BinaryCrossEntropy(multi_label=True, train_summary=summary(indices))
     with pytest.raises(ValueError, match="multi_label=false but the training labels are multi-hot"):
-        FocalLoss(multi_label=False, train_labels=multi_hot)
+        FocalLoss(multi_label=False, train_summary=summary(multi_hot))
     with pytest.raises(ValueError, match="loss.alpha=0.25 .* applies with multi_label=true only"):
         FocalLoss(alpha=0.25)
 
@@ -137,9 +143,10 @@ def test_loss_configs_build_with_the_training_labels(name):
     cfg = OmegaConf.load(CONF / "loss" / f"{name}.yaml")
     cfg.num_classes, cfg.multi_label, cfg.class_weights = 2, False, "balanced"
     labels = torch.tensor([0, 0, 0, 1])
-    loss = instantiate(cfg, train_labels=labels)()  # the loss group is a partial: the task completes it
+    loss = instantiate(cfg, train_summary=summary(labels))()  # the loss group is a partial: the task completes it
     assert loss(torch.zeros(4, 2), labels).item() > 0
-    assert resolve_class_weights("balanced", 2, labels)[1] > resolve_class_weights("balanced", 2, labels)[0]
+    weights = resolve_class_weights("balanced", 2, summary(labels))
+    assert weights[1] > weights[0]
 
 
 @pytest.mark.slow
@@ -159,14 +166,14 @@ def test_multi_label_training_learns_multi_hot_targets(tmp_path, loss_fn):
     trainer = Trainer(max_epochs=6, device="cpu", precision="32", compile=False, progress_bar=False,
                       monitor="val/auroc")
     task = Classification(loss=loss_fn, metrics=metrics, num_classes=3, multi_label=True)
-    task.setup_task(data, model)
-    untrained = trainer.evaluate(model, data, "val", task)
+    task.setup(data, model)
+    untrained = trainer.validate(model, data, "val", task)
     logger = RunLogger(tmp_path / "job")
     trainer.fit(model, data, lambda images, targets: (images, targets), task, optimizer,
                 constant(optimizer, total_steps=72, steps_per_epoch=12), logger, tmp_path / "job" / "checkpoints",
                 seed=0, checkpoint_extra={})
     logger.finish("completed")
-    trained = trainer.evaluate(model, data, "val", task)
+    trained = trainer.validate(model, data, "val", task)
     assert trained["val/loss"] < untrained["val/loss"]
     assert trained["val/auroc"] > 0.95 and trained["val/auroc"] > untrained["val/auroc"] + 0.2
     assert trained["val/acc"] > untrained["val/acc"] + 0.5  # exact match: every label of an image right

@@ -19,9 +19,10 @@ from vitsweep.pretrain import DINO, ENCODER_PREFIX, MAE
 from vitsweep.pretrain.dino import dino_loss, koleo_loss
 from vitsweep.pretrain.encoder import encode, pooled_features
 from vitsweep.pretrain.knn import knn_accuracy
-from vitsweep.pretrain.mae import normalize_patches, patchify, random_masking, unpatchify
+from vitsweep.pretrain.mae import random_masking
 from vitsweep.pretrain.multicrop import MultiCrop, random_resized_crops
 from vitsweep.pretrain.objective import EncoderEvaluator, feature_spread
+from vitsweep.pretrain.patches import normalize_patches, patchify, unpatchify
 
 
 def tiny_encoder(**kwargs):
@@ -48,21 +49,21 @@ def test_masking_hides_exactly_the_configured_share(num_patches, ratio):
 
 
 def test_the_model_hides_mask_ratio_of_the_patches():
-    model = MAE(mask_ratio=0.75, decoder_dim=32).build(tiny_encoder())
+    model = MAE(mask_ratio=0.75, decoder_dim=32).wrap(tiny_encoder())
     _, predicted, hidden = model.reconstruct(digits_inputs(8))
     assert hidden.shape == (8, 16) and (hidden.float().mean(dim=1) == 0.75).all()
     assert predicted.shape == (8, 16, 16)  # every patch's 4 x 4 x 1 pixels
 
 
 def test_a_zero_predictor_scores_one_with_the_normalized_pixel_loss():
-    model = MAE(decoder_dim=32).build(tiny_encoder(in_channels=3))
+    model = MAE(decoder_dim=32).wrap(tiny_encoder(in_channels=3))
     torch.nn.init.zeros_(model.decoder_pred.weight)
     torch.nn.init.zeros_(model.decoder_pred.bias)
     noise = torch.randn(16, 3, 16, 16)
     loss, predicted, _ = model.reconstruct(noise)
     assert predicted.abs().max() == 0
     assert loss.mean().item() == pytest.approx(1.0, abs=1e-4)  # every hidden patch: mean square of var/(var+eps)
-    digits = MAE(decoder_dim=32).build(tiny_encoder())
+    digits = MAE(decoder_dim=32).wrap(tiny_encoder())
     torch.nn.init.zeros_(digits.decoder_pred.weight)
     torch.nn.init.zeros_(digits.decoder_pred.bias)
     # digits have a few blank patches (normalized target 0, scored 0 by anything): about 1, not exactly
@@ -113,11 +114,11 @@ def test_mae_refuses_attention_patterns_and_bad_ratios_in_one_line():
     from vitsweep.model.attention import WindowedAttention
 
     with pytest.raises(ValueError, match=r"pretrain=mae .* model/attention=full"):
-        MAE().build(tiny_encoder(attention=partial(WindowedAttention, window_size=2)))
+        MAE().wrap(tiny_encoder(attention=partial(WindowedAttention, window_size=2)))
     with pytest.raises(ValueError, match=r"pretrain.mask_ratio=1.0 .* \(0, 1\)"):
         MAE(mask_ratio=1.0)
     with pytest.raises(ValueError, match=r"pretrain.mask_ratio=0.99 hides 16 of 16"):
-        MAE(mask_ratio=0.99).build(tiny_encoder())
+        MAE(mask_ratio=0.99).wrap(tiny_encoder())
     with pytest.raises(ValueError, match="model.trainable"):
         MAE().build(create_vit(image_size=16, patch_size=4, in_channels=1, num_classes=0, embed_dim=32, depth=1,
                                num_heads=2, mlp_dim=64, trainable="head"))
@@ -130,7 +131,7 @@ def small_dino(**kwargs) -> DINO:
 
 
 def test_the_teacher_is_an_ema_of_the_student():
-    model = small_dino(teacher_momentum=0.9).build(tiny_encoder())
+    model = small_dino(teacher_momentum=0.9).wrap(tiny_encoder())
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     small_dino().attach(model, optimizer, total_steps=0)  # total_steps 0: no schedule, the momentum stays 0.9
     teacher = [p.detach().clone() for p in [*model.encoder.parameters(), *model.teacher_head.parameters()]]
@@ -146,7 +147,7 @@ def test_the_teacher_is_an_ema_of_the_student():
 
 
 def test_the_teacher_momentum_rises_to_one_on_a_cosine():
-    model = small_dino(teacher_momentum=0.996).build(tiny_encoder())
+    model = small_dino(teacher_momentum=0.996).wrap(tiny_encoder())
     model.total_steps = 100
     assert model.momentum(0) == pytest.approx(0.996)
     assert model.momentum(50) == pytest.approx(0.998)
@@ -154,7 +155,7 @@ def test_the_teacher_momentum_rises_to_one_on_a_cosine():
 
 
 def test_centring_follows_the_teacher_mean_and_sharpening_lowers_its_entropy():
-    model = small_dino(center_momentum=0.9).build(tiny_encoder())
+    model = small_dino(center_momentum=0.9).wrap(tiny_encoder())
     teacher_out = torch.randn(10, 64)
     model.update_center(teacher_out)
     torch.testing.assert_close(model.center, 0.1 * teacher_out.mean(dim=0, keepdim=True))
@@ -202,7 +203,7 @@ def test_koleo_is_minus_log_the_distance_to_the_nearest_neighbour_and_spreads_fe
 
 def test_koleo_weight_adds_koleo_of_the_global_crops_to_the_dino_loss():
     torch.manual_seed(0)
-    model = small_dino(koleo_weight=0.5).build(tiny_encoder())
+    model = small_dino(koleo_weight=0.5).wrap(tiny_encoder())
     student_out, teacher_out, student_features = model.outputs(digits_inputs(8))
     assert student_features.shape == (2 * 8, 32)  # the student's pooled features of the 2 global crops
     plain = dino_loss(student_out, teacher_out, model.center, 0.1, 0.04, 2 + 2)
@@ -233,10 +234,10 @@ def test_dino_local_crops_need_full_attention_or_the_models_size():
 
     encoder = tiny_encoder(attention=partial(LocalAttention, kernel_size=3))
     with pytest.raises(ValueError, match=r"pretrain.local_crop_size=8 .* pretrain.local_crop_size=16"):
-        small_dino().build(encoder)
-    assert small_dino(local_crop_size=16).build(encoder) is not None
+        small_dino().wrap(encoder)
+    assert small_dino(local_crop_size=16).wrap(encoder) is not None
     with pytest.raises(ValueError, match="pretrain.local_crop_size=10 is not tiled"):
-        small_dino(local_crop_size=10).build(tiny_encoder())
+        small_dino(local_crop_size=10).wrap(tiny_encoder())
     with pytest.raises(ValueError, match="pretrain.teacher_momentum=1.0"):
         small_dino(teacher_momentum=1.0)
 
@@ -289,7 +290,7 @@ def test_a_pretrain_checkpoint_loads_every_encoder_tensor_into_any_task(tmp_path
     cfg = composed([*shape, "mode=pretrain", f"pretrain={method}", "pretrain.out_dim=64"
                     if method == "dino" else "pretrain.decoder_dim=32"])
     encoder = instantiate(cfg.model, num_classes=0)
-    pretrained = instantiate(cfg.pretrain).build(encoder)
+    pretrained = instantiate(cfg.pretrain).wrap(encoder)
     ckpt = tmp_path / "best.pt"
     torch.save({"model": pretrained.state_dict(), "config": {}, "pretrain": {"method": method,
                                                                             "encoder_prefix": ENCODER_PREFIX}}, ckpt)
@@ -299,7 +300,7 @@ def test_a_pretrain_checkpoint_loads_every_encoder_tensor_into_any_task(tmp_path
     cfg = composed([*shape, *overrides, f"model.pretrained={ckpt}"])
     task_object = instantiate(cfg.task)
     if not task_object.heads_known():
-        task_object.count_classes(instantiate(cfg.data, source={"targets": task_object.data_targets()}))
+        task_object.count_classes(instantiate(cfg.data, source={"targets": task_object.targets()}))
     model = instantiate(cfg.model, **task_object.model_args())
     report = model.load_report.as_dict()
     encoder_state = pretrained.encoder.state_dict()
@@ -311,7 +312,7 @@ def test_a_pretrain_checkpoint_loads_every_encoder_tensor_into_any_task(tmp_path
 
 
 def test_a_pretrained_encoder_follows_the_band_and_grid_rules_of_timm_weights(tmp_path):
-    pretrained = MAE(decoder_dim=32).build(tiny_encoder(in_channels=5))
+    pretrained = MAE(decoder_dim=32).wrap(tiny_encoder(in_channels=5))
     ckpt = tmp_path / "best.pt"
     torch.save({"model": pretrained.state_dict(), "config": {}, "pretrain": {"method": "mae",
                                                                             "encoder_prefix": ENCODER_PREFIX}}, ckpt)
@@ -342,7 +343,7 @@ def dino_on_digits(tmp_path_factory):
     torch.manual_seed(0)
     data = DataModule(load_digits(), image_size=16, in_channels=1, num_classes=10, batch_size=64, mean=[0.5], std=[0.5])
     method = DINO(**DIGITS_DINO)
-    model = method.build(tiny_encoder(embed_dim=48, mlp_dim=96))
+    model = method.wrap(tiny_encoder(embed_dim=48, mlp_dim=96))
     method.setup(data, model)
     assert method.monitor == "val/knn_acc"
 

@@ -1,4 +1,5 @@
-"""The shape of the house: the import graph of vitsweep/ has no cycles and no upward arrows, and
+"""The shape of the house: the import graph of vitsweep/ has no cycles and no upward arrows (every package
+sits on a layer and imports only its own layer and the ones below), the loop imports no component, and
 building a model does no I/O (weights are the factory's business, after construction)."""
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from omegaconf import DictConfig
 from test_config import REQUIRED, composed, group_options
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vitsweep"
-# components know nothing of what drives them: these packages never import the ones in HIGH
-LOW = {"model", "augment", "data", "metrics", "loss", "optimizer", "scheduler", "task", "pretrain", "logger"}
-HIGH = {"trainer", "run", "viz", "compare", "cli"}
+# bottom to top: a package imports its own layer and the layers below it, never one above (docs/architecture.md)
+LAYERS = [
+    {"logger"},  # the run's record: summary.json, metrics.jsonl, W&B; atomic files
+    {"data"},  # loaders, target readers, the DataModule
+    {"model"},  # the ViT trunk and its options
+    {"viz"},  # attention, explanations, and the drawing of figures
+    {"augment", "loss", "metrics", "optimizer", "scheduler", "task", "pretrain"},  # what a run learns, and how
+    {"trainer"},  # the one loop: knows the Task protocol's calls, imports no component
+    {"run"},  # the job's life: build, modes, record, ranks
+    {"cli", "compare", "sweep_files"},  # tools over runs
+]
 
 
 def module_name(path: Path) -> str:
@@ -101,10 +110,38 @@ def test_no_import_cycles_between_modules():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_components_do_not_import_what_drives_them():
+def layer_of(package: str) -> int:
+    return next(i for i, layer in enumerate(LAYERS) if package in layer)
+
+
+def test_every_package_sits_on_a_layer():
+    packages = {top_package(module) for module in import_graph()} - {""}
+    unplaced = sorted(package for package in packages if not any(package in layer for layer in LAYERS))
+    assert not unplaced, f"place these in LAYERS (and in docs/architecture.md): {unplaced}"
+    assert {"task", "logger", "run"} <= packages  # the packages the layers name are real
+
+
+def test_no_package_imports_a_layer_above_it():
     upward = [f"{module} imports {target}" for module, targets in import_graph().items()
-              if top_package(module) in LOW for target in targets if top_package(target) in HIGH]
+              if top_package(module) for target in targets if top_package(target)
+              and layer_of(top_package(target)) > layer_of(top_package(module))]
     assert not upward, upward
+
+
+def test_the_checker_catches_an_upward_import(tmp_path):
+    """The layer rule can fail: a model module that imported the loop would be reported."""
+    graph = {"vitsweep.model.vit": {"vitsweep.trainer.loop"}, "vitsweep.trainer.loop": set()}
+    upward = [(m, t) for m, targets in graph.items() for t in targets if layer_of(top_package(t)) > layer_of(top_package(m))]
+    assert upward == [("vitsweep.model.vit", "vitsweep.trainer.loop")]
+
+
+def test_the_loop_imports_no_component():
+    """trainer/ drives any task through the Task protocol's calls: it imports no model option (early exit is
+    scored by the task's evaluator), no task, no data loader."""
+    imported = {target for module, targets in import_graph().items() if top_package(module) == "trainer"
+                for target in targets}
+    components = sorted(t for t in imported if top_package(t) in {"model", "task", "pretrain", "data", "viz"})
+    assert not components, components
 
 
 def test_every_config_group_has_a_package_of_the_same_name():

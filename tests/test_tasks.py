@@ -16,11 +16,12 @@ from vitsweep.augment.randaugment import GEOMETRIC, OPS, RandAugment
 from vitsweep.data.crops import random_crops
 from vitsweep.data.splits import IGNORE_INDEX
 from vitsweep.data.synthetic import load_synthetic
+from vitsweep.data.targets import ClassLabels, Masks, Values
 from vitsweep.loss import CrossEntropy
 from vitsweep.model import create_vit
 from vitsweep.task import Classification, MultiTask, Regression, Segmentation
 from vitsweep.task.masks import patch_labels
-from vitsweep.task.task import attention_loss
+from vitsweep.task.objective import attention_loss
 
 
 def tiny(**kwargs):
@@ -31,16 +32,30 @@ def tiny(**kwargs):
 
 
 class FakeData:
-    """What Task.setup_task reads of a DataModule."""
+    """What a task reads of the data (vitsweep.data.dataset_info.DatasetInfo), from labels held here and
+    summarized by the task's own readers, as DataModule.target_summary does."""
 
     def __init__(self, labels, class_names=(), images=None):
-        images = images if images is not None else torch.zeros(len(next(iter(labels.values())) if isinstance(
-            labels, dict) else labels), 3, 16, 16)
-        self.train = type("Split", (), {"labels": labels, "images": images})()
-        self.class_names, self.eval_views = list(class_names) if not isinstance(class_names, dict) else class_names, 1
+        self.labels, self.names = labels, class_names
+        self.image_size = 16 if images is None else tuple(images.shape[-2:])
+        self.eval_views, self.frames, self.balanced, self.readers = 1, None, False, {}
 
-    def split(self, name):
-        return self.train
+    def read_by(self, task):
+        self.readers = task.targets()
+        return self
+
+    def class_names(self, target=None):
+        return list(self.names.get(target, [])) if isinstance(self.names, dict) else list(self.names)
+
+    def target_summary(self, target=None, split="train"):
+        labels = self.labels[target] if isinstance(self.labels, dict) else self.labels
+        return self.readers[target].summarize(labels)
+
+
+def setup_on(task, data, model):
+    """task.setup on fake data summarized by the task's readers; the task, for chaining."""
+    task.setup(data.read_by(task), model)
+    return task
 
 
 # ------------------------------------------------------------------------------------------ heads
@@ -70,7 +85,7 @@ def test_auxiliary_heads_train_alongside_and_leave_eval_outputs_alone():
     masks = torch.zeros(4, 16, 16, dtype=torch.uint8)
     masks[:, :8, :8] = 1  # the region: the top-left quarter
     targets = {"label": torch.tensor([0, 1, 2, 0]), "region": masks}
-    task.setup_task(FakeData(targets, ["a", "b", "c"], images), model)
+    task.setup(FakeData(targets, ["a", "b", "c"], images).read_by(task), model)
     out = model.train()(images)
     assert set(out) == {"out", "deep_supervision", "region", "attention"}
     assert out["deep_supervision"].shape == (4, 3) and out["region"].shape == (4, 2, 4, 4)
@@ -79,7 +94,7 @@ def test_auxiliary_heads_train_alongside_and_leave_eval_outputs_alone():
     expected = (main + 0.5 * task.loss(out["deep_supervision"], targets["label"])
                 + 0.3 * F.cross_entropy(out["region"], task.region(masks))
                 + 0.1 * attention_loss(out["attention"], task.region(masks)))
-    torch.testing.assert_close(task.training_loss(out, targets), expected)
+    torch.testing.assert_close(task.loss(out, targets), expected)
     assert model.eval()(images).shape == (4, 3)  # at eval the model gives its main output only
 
 
@@ -100,7 +115,7 @@ def test_missing_labels_count_in_no_loss_and_no_metric():
     logits = torch.randn(6, 3)
     known = labels >= 0
     task = Classification(loss=CrossEntropy(), num_classes=3)
-    task.setup_task(FakeData(labels, ["a", "b", "c"]), None)
+    task.setup(FakeData(labels, ["a", "b", "c"]).read_by(task), None)
     torch.testing.assert_close(task.loss(logits, labels), F.cross_entropy(logits[known], labels[known]))
     evaluator, reference = task.evaluator(), task.evaluator()
     evaluator.update(logits, labels)
@@ -109,7 +124,7 @@ def test_missing_labels_count_in_no_loss_and_no_metric():
 
     values = torch.tensor([[1.0, 5.0], [2.0, float("nan")], [float("nan"), 7.0], [4.0, 8.0], [3.0, 6.0]])
     regression = Regression(targets=["a", "b"])
-    regression.setup_task(FakeData(values), None)
+    regression.setup(FakeData(values).read_by(regression), None)
     assert regression.mean.tolist() == pytest.approx([2.5, 6.5])  # the NaNs are not in the statistics
     outputs = torch.randn(5, 2, requires_grad=True)
     loss = regression.loss(outputs, values)
@@ -124,7 +139,7 @@ def test_missing_labels_count_in_no_loss_and_no_metric():
     masks[0] = IGNORE_INDEX  # an image without a label: no loss, no metric
     segmentation = Segmentation(num_classes=2)
     model = tiny(**segmentation.model_args())
-    segmentation.setup_task(FakeData(masks), model)
+    segmentation.setup(FakeData(masks).read_by(segmentation), model)
     seg_logits = torch.randn(3, 2, 16, 16)
     torch.testing.assert_close(segmentation.loss(seg_logits, masks), segmentation.loss(seg_logits[1:], masks[1:]))
     with_blank, without = segmentation.evaluator(), segmentation.evaluator()
@@ -138,10 +153,10 @@ def test_a_head_without_any_label_in_a_batch_gives_zero_loss_not_nan():
                        "crowd": {"type": "regression", "column": "n"}})
     labels = {"riot": torch.tensor([0, 1, -1, 0]), "crowd": torch.tensor([[1.0], [2.0], [float("nan")], [4.0]])}
     model = tiny(**multi.model_args())
-    multi.setup_task(FakeData(labels, {"riot": ["no", "yes"]}), model)
+    multi.setup(FakeData(labels, {"riot": ["no", "yes"]}).read_by(multi), model)
     outputs = model(torch.rand(4, 3, 16, 16))
     blank = {"riot": torch.full((4,), -1), "crowd": torch.full((4, 1), float("nan"))}
-    assert multi.training_loss(outputs, blank).item() == 0.0
+    assert multi.loss(outputs, blank).item() == 0.0
 
 
 # ---------------------------------------------------------------------------- loss weighting
@@ -151,15 +166,15 @@ def test_uncertainty_weighting_learns_log_variances_equal_to_log_of_each_loss():
     multi = MultiTask({"riot": {"type": "classification", "column": "riot", "num_classes": 2},
                        "crowd": {"type": "regression", "column": "n"}}, weighting="uncertainty")
     model = tiny(**multi.model_args())
-    multi.setup_task(FakeData({"riot": torch.tensor([0, 1]), "crowd": torch.tensor([[1.0], [2.0]])},
-                              {"riot": ["no", "yes"]}), model)
+    multi.setup(FakeData({"riot": torch.tensor([0, 1]), "crowd": torch.tensor([[1.0], [2.0]])},
+                              {"riot": ["no", "yes"]}).read_by(multi), model)
     fixed = {"riot": 0.3, "crowd": 2.5}  # per-task losses held fixed
     for name, objective in multi.objectives.items():
-        objective.loss = lambda outputs, targets, value=fixed[name]: torch.tensor(value)
+        objective.head_loss = lambda outputs, targets, value=fixed[name]: torch.tensor(value)
     optimizer = torch.optim.Adam([model.head.log_vars], lr=0.05)
     for _ in range(1500):
         optimizer.zero_grad()
-        multi.training_loss({"riot": None, "crowd": None}, {"riot": None, "crowd": None}).backward()
+        multi.loss({"riot": None, "crowd": None}, {"riot": None, "crowd": None}).backward()
         optimizer.step()
     torch.testing.assert_close(model.head.log_vars.detach(), torch.tensor([0.3, 2.5]).log(), atol=2e-3, rtol=0)
 
@@ -182,7 +197,7 @@ def test_loss_weights_have_their_own_optimizer_group_without_weight_decay():
 def test_regression_standardizes_with_training_statistics_and_reports_original_units():
     values = torch.tensor([[10.0], [20.0], [30.0], [40.0]])
     task = Regression(targets=["crowd"])
-    task.setup_task(FakeData(values), None)
+    task.setup(FakeData(values).read_by(task), None)
     assert task.mean.item() == 25.0 and task.std.item() == pytest.approx(values.std().item())
     perfect = (values - 25.0) / task.std  # what a perfect model outputs: standardized values
     evaluator = task.evaluator()
@@ -193,7 +208,7 @@ def test_regression_standardizes_with_training_statistics_and_reports_original_u
     off_by_two.update(perfect + 2 / task.std, values)  # two people too many, in the original unit
     assert off_by_two.compute("test")["test/mae"] == pytest.approx(2.0, rel=1e-4)
     restored = Regression(targets=["crowd"])
-    restored.load_task_state(task.task_state())
+    restored.load_state_dict(task.state_dict())
     assert restored.mean.item() == 25.0 and restored.std.item() == task.std.item()
 
 
@@ -209,7 +224,7 @@ def test_patch_labels_are_each_patches_majority_of_labelled_pixels():
 
 def test_segmentation_metrics_from_a_hand_counted_confusion_matrix():
     task = Segmentation(num_classes=3, granularity="pixel")
-    task.setup_task(FakeData(torch.zeros(1, 2, 3, dtype=torch.uint8), images=torch.zeros(1, 3, 2, 3)),
+    task.setup(FakeData(torch.zeros(1, 2, 3, dtype=torch.uint8), images=torch.zeros(1, 3, 2, 3)).read_by(task),
                     tiny(image_size=(4, 4), patch_size=2))
     target = torch.tensor([[[0, 0, 1], [1, 2, IGNORE_INDEX]]])
     predicted = torch.tensor([[[0, 1, 1], [1, 1, 0]]])
@@ -225,15 +240,15 @@ def test_segmentation_metrics_from_a_hand_counted_confusion_matrix():
 
 def test_tasks_refuse_targets_that_do_not_fit_in_one_line():
     with pytest.raises(ValueError, match="task=regression needs numeric targets"):
-        Regression().setup_task(FakeData(torch.tensor([0, 1, 2])), None)
+        setup_on(Regression(), FakeData(torch.tensor([0, 1, 2])), None)
     with pytest.raises(ValueError, match="task=segmentation needs a mask"):
-        Segmentation(num_classes=2).setup_task(FakeData(torch.tensor([0, 1])), tiny())
+        setup_on(Segmentation(num_classes=2), FakeData(torch.tensor([0, 1])), tiny())
     with pytest.raises(ValueError, match="task=classification needs class labels"):
-        Classification(loss=CrossEntropy(), num_classes=2).setup_task(FakeData(torch.zeros(2, 16, 16)), None)
+        setup_on(Classification(loss=CrossEntropy(), num_classes=2), FakeData(torch.zeros(2, 16, 16)), None)
     with pytest.raises(ValueError, match="task.heads.crowd.type=count is not one of"):
         MultiTask({"crowd": {"type": "count", "column": "n"}})
     with pytest.raises(ValueError, match="the training split has 1 class"):
-        Classification(loss=CrossEntropy(), num_classes=2).setup_task(FakeData(torch.tensor([1, 1, 1])), None)
+        setup_on(Classification(loss=CrossEntropy(), num_classes=2), FakeData(torch.tensor([1, 1, 1])), None)
 
 
 # ------------------------------------------------------------------------ masks follow the geometry
@@ -325,8 +340,7 @@ def test_cutmix_pastes_masks_with_the_same_box_and_mixup_refuses_them():
 
 def test_synthetic_data_plants_a_signal_per_target_and_blanks_the_missing_share():
     splits = load_synthetic(image_size=16, num_classes=3, num_train=400, missing=0.25,
-                            targets={"riot": {"type": "classification"}, "crowd": {"type": "regression"},
-                                     "area": {"type": "segmentation"}})
+                            targets={"riot": ClassLabels("riot"), "crowd": Values("crowd"), "area": Masks("area")})
     labels = splits.train.labels
     assert labels["riot"].dtype == torch.int64 and labels["crowd"].shape == (400, 1)
     assert labels["area"].shape == (400, 16, 16) and labels["area"].dtype == torch.uint8
@@ -334,7 +348,7 @@ def test_synthetic_data_plants_a_signal_per_target_and_blanks_the_missing_share(
                     (labels["area"] == IGNORE_INDEX).flatten(1).all(dim=1)):
         assert 0.15 < missing.float().mean() < 0.35
     assert set(splits.class_names) == {"riot", "area"}  # regression targets have no classes
-    single = load_synthetic(targets={"value": {"type": "regression"}})
+    single = load_synthetic(targets={"value": Values("value")})
     assert single.train.labels.shape == (256, 1) and single.class_names == []
 
 
@@ -342,9 +356,9 @@ def test_loaders_of_class_labels_refuse_other_targets_in_one_line():
     from vitsweep.data.digits import load_digits
 
     with pytest.raises(ValueError, match="data=digits gives one class label per image, but the task asks for "
-                                         "regression targets"):
-        load_digits(targets={"target": {"type": "regression", "columns": ["target"]}})
-    assert load_digits(targets={"label": {"type": "classification", "column": None}}).train.labels.dim() == 1
+                                         "numbers \\(target\\)"):
+        load_digits(targets=Regression(targets=["target"]).targets())
+    assert load_digits(targets=Classification(num_classes=10).targets()).train.labels.dim() == 1
 
 
 def test_partial_aux_head_factories_are_plain_modules():

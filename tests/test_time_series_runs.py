@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_MODEL, read_metrics, read_summary, run_cli
 
 from vitsweep.data.synthetic_series import load_synthetic_series
+from vitsweep.data.targets import Values
 
 SERIES = ["data=synthetic_series", "data.source.num_train=64", "data.source.num_val=16", "data.source.num_test=16",
           "data.batch_size=16", *TINY_MODEL, "trainer.progress_bar=false", "viz.enabled_at_end=false", "logger=none"]
@@ -57,7 +58,7 @@ def test_forecasting_scores_a_value_h_frames_ahead_and_refuses_single_images(tmp
     summary = read_summary(tmp_path / "value" / "run")
     assert summary["task"] == "regression" and summary["frames"] == 4
     source = load_synthetic_series(signal="forecast", horizon=2, num_train=64, num_val=16, num_test=16,
-                                   targets={"target": {"type": "regression", "columns": ["target"]}})
+                                   targets={"target": Values("target", ["target"])})
     spread = source.test.labels.float().std().item()  # the targets' spread, in pixels
     # regression metrics in the target's units (pixels), not the standardized ones the loss sees
     assert 0.2 * spread < summary["metrics"]["test/rmse"] < 3 * spread, (summary["metrics"], spread)

@@ -200,7 +200,7 @@ def fit(tmp_path: Path, name: str, max_epochs: int = 1, batch_size: int = 16, re
     job_dir = tmp_path / name
     logger = RunLogger(job_dir)
     task = Classification(loss=CrossEntropy(), num_classes=3)
-    task.setup_task(data, model)
+    task.setup(data, model)
     result = trainer.fit(model, data, lambda images, targets: (images, targets), task, optimizer,
                          scheduler, logger, job_dir / "checkpoints", seed=0, checkpoint_extra={},
                          resume_state=resume_state)
@@ -261,9 +261,9 @@ def test_ema_follows_its_decay_and_is_what_gets_validated_and_saved(tmp_path):
     logged = [line for line in (job_dir / "metrics.jsonl").read_text().splitlines() if "val/loss" in line][-1]
     logged_loss = float(logged.split('"val/loss": ')[1].split(",")[0])
     task = Classification(loss=CrossEntropy(), num_classes=3)
-    task.setup_task(data, model)
-    ema_loss = trainer.evaluate(ema_model, data, "val", task)["val/loss"]
-    raw_loss = trainer.evaluate(raw_model, data, "val", task)["val/loss"]
+    task.setup(data, model)
+    ema_loss = trainer.validate(ema_model, data, "val", task)["val/loss"]
+    raw_loss = trainer.validate(raw_model, data, "val", task)["val/loss"]
     assert logged_loss == pytest.approx(ema_loss, rel=1e-5) and ema_loss != pytest.approx(raw_loss, rel=1e-5)
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from vitsweep.data.crops import random_crops
 from vitsweep.data.inputs import Batch, Inputs
 from vitsweep.data.splits import Split, Splits, Targets, map_masks, map_targets
-from vitsweep.data.targets import TargetReader
+from vitsweep.data.targets import TargetReader, reader_for
 
 NORMALIZATIONS = ("fixed", "auto")
 EVAL_CROPS = ("center", "tiled")
@@ -222,7 +222,7 @@ class DataModule:
         reader = self.targets.get(target) if target is not None else None
         if reader is None and len(self.targets) == 1:
             reader = next(iter(self.targets.values()))
-        return (reader or TargetReader("")).summarize(labels)
+        return (reader or reader_for(labels)).summarize(labels)  # readers unknown (built in Python): by form
 
     @property
     def frames(self) -> int | None:

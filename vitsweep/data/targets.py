@@ -191,6 +191,23 @@ class Masks(TargetReader):
         return IGNORE_INDEX
 
 
+def reader_for(labels: torch.Tensor, name: str = "") -> TargetReader:
+    """The reader of labels whose task is not known (a DataModule built in Python without readers), by their
+    form: class indices, masks; float labels are numbers or multi-hot rows: summarized as both."""
+    if labels.is_floating_point():
+        return FloatLabels(name)
+    if labels.dim() == 3:
+        return Masks(name)
+    return ClassLabels(name)
+
+
+class FloatLabels(Values):
+    """Float labels of unknown meaning: the statistics of numbers and of multi-hot rows."""
+
+    def statistics(self, labels):
+        return {**ClassLabels.statistics(self, labels), **super().statistics(labels)}
+
+
 def merge_summaries(parts: list[dict]) -> dict:
     """One summary from the summaries of a split's parts (shards): counts and sums add, maxima take the max."""
     merged = dict(parts[0])

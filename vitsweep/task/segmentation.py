@@ -96,10 +96,11 @@ class Segmentation(Objective):
                                    **geometry)
 
     def fit(self, summary, class_names, model, data) -> None:
-        side = data.image_size  # the stored images' side, as decoded
-        if len(summary["shape"]) != 2 or tuple(summary["shape"]) != (side, side) or "max_class" not in summary:
+        side = data.image_size  # the stored images' side (or (H, W)), as decoded
+        side = (side, side) if isinstance(side, int) else tuple(side)
+        if len(summary["shape"]) != 2 or tuple(summary["shape"]) != side or "max_class" not in summary:
             raise ValueError(f"task=segmentation needs a mask (H, W) per image, but the data gives targets of shape "
-                             f"{tuple(summary['shape'])} for images {(side, side)}: use data=maskfolder, a mask "
+                             f"{tuple(summary['shape'])} for images {side}: use data=maskfolder, a mask "
                              f"column with data=csv, or data=synthetic")
         if data.eval_views > 1:
             raise ValueError("data.eval_crop=tiled averages the outputs of several windows, which a per-pixel "
