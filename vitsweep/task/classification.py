@@ -70,6 +70,13 @@ class Classification(Objective):
         self.loss_fn, self.class_names, self.has_missing = None, None, False
         self.configure(aux_heads, aux, granularity, column, weight)
 
+    @classmethod
+    def as_head(cls, name, settings, run):
+        metrics = run.get("metrics")  # the run's metrics group, per head
+        settings.setdefault("metrics", ClassificationMetrics(names=metrics.names, per_class=metrics.per_class)
+                            if metrics else None)
+        return super().as_head(name, settings, run)
+
     @property
     def num_outputs(self) -> int:
         return self.num_classes

@@ -27,38 +27,21 @@ from torch import nn
 
 from vitsweep.data.targets import TargetReader
 from vitsweep.metrics import ClassificationMetrics
-from vitsweep.task.classification import Classification
 from vitsweep.task.heads import MultiHead
 from vitsweep.task.objective import Objective
 from vitsweep.task.protocol import Evaluator, Task
-from vitsweep.task.regression import Regression
-from vitsweep.task.segmentation import Segmentation
 
-HEAD_TYPES = {"classification": Classification, "regression": Regression, "segmentation": Segmentation}
 WEIGHTINGS = ("fixed", "uncertainty")
-HEAD_KEYS = {"type", "column", "loss", "weight", "num_classes", "granularity", "decoder"}
 
 
 def build_objective(name: str, spec: Mapping, metrics: ClassificationMetrics | None, granularity: str) -> Objective:
+    """The objective of head `name`: its `type` looked up among the objectives (Objective.named: every
+    vitsweep/task module's, or a dotted class path of your own), built from the head's other keys."""
     spec = dict(spec)
-    if spec.get("type") not in HEAD_TYPES:
-        raise ValueError(f"task.heads.{name}.type={spec.get('type')} is not one of: {', '.join(HEAD_TYPES)}")
+    objective_type = Objective.named(spec.pop("type", None), key=f"task.heads.{name}.type")
     if not spec.get("column"):
         raise ValueError(f"task.heads.{name} names no column: add column=<the data column it predicts>")
-    unknown = sorted(set(spec) - HEAD_KEYS)
-    if unknown:
-        raise ValueError(f"task.heads.{name} has unknown key(s) {', '.join(unknown)}: a head takes "
-                         f"{', '.join(sorted(HEAD_KEYS))}")
-    kind, column, weight = spec["type"], spec["column"], float(spec.get("weight", 1.0))
-    if kind == "classification":
-        per_head_metrics = ClassificationMetrics(names=metrics.names, per_class=metrics.per_class) if metrics else None
-        objective = Classification(loss=spec.get("loss", "cross_entropy"), metrics=per_head_metrics,
-                                   num_classes=spec.get("num_classes"), column=column, weight=weight)
-    elif kind == "regression":
-        objective = Regression(loss=spec.get("loss", "mse"), column=column, weight=weight)
-    else:
-        objective = Segmentation(num_classes=spec.get("num_classes"), granularity=spec.get("granularity", granularity),
-                                 decoder=spec.get("decoder", "linear"), column=column, weight=weight)
+    objective = objective_type.as_head(name, spec, {"metrics": metrics, "granularity": granularity})
     objective.target_name = name  # its targets are the batch's targets[name]
     return objective
 

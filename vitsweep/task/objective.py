@@ -19,11 +19,16 @@ Auxiliary heads (off by default; each trained with its weight, `task.aux.<name>.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
 from collections.abc import Sequence
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import get_class
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -56,12 +61,46 @@ def main_output(outputs):
 
 
 class Objective(Task):
-    """One objective as a run's task (see the module docstring)."""
+    """One objective as a run's task (see the module docstring). Every subclass that names itself (`name`)
+    is a head type of task=multi_task (`Objective.named`)."""
 
+    registry: ClassVar[dict[str, type[Objective]]] = {}  # name -> class, filled as objective modules are imported
     name = ""
     target_name = "label"  # its target among a batch's targets: the main target, or a multi-task head's name
     monitor, monitor_mode = "val/loss", "min"
     weight = 1.0  # its share of a multi-task loss
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.name:  # a new objective, not a variant of one (forecasting's)
+            Objective.registry[cls.name] = cls
+
+    @staticmethod
+    def named(name: str | None, key: str) -> type[Objective]:
+        """The objective class called `name` (or at the dotted class path `name`); `key`: where it was asked for,
+        for the one-line refusal."""
+        if isinstance(name, str) and name.isidentifier() and name not in Objective.registry:
+            with contextlib.suppress(ImportError):  # an objective of vitsweep/task/ not imported yet: its module
+                importlib.import_module(f"vitsweep.task.{name}")
+        if name in Objective.registry:
+            return Objective.registry[name]
+        if isinstance(name, str) and "." in name:
+            found = get_class(name)
+            if isinstance(found, type) and issubclass(found, Objective):
+                return found
+        raise ValueError(f"{key}={name} is not one of: {', '.join(sorted(Objective.registry))} (or the dotted path "
+                         f"of an Objective subclass)")
+
+    @classmethod
+    def as_head(cls, name: str, settings: dict, run: dict) -> Objective:
+        """This objective as head `name` of a multi-task run, from its keys (`column`, `weight`, and its own);
+        `run`: what the run gives every head (the metrics group, the data's label granularity)."""
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "aux_heads", "aux"}
+        unknown = sorted(set(settings) - accepted)
+        if unknown:
+            raise ValueError(f"task.heads.{name} has unknown key(s) {', '.join(unknown)}: a {cls.name} head takes "
+                             f"type, {', '.join(sorted(accepted))}")
+        return cls(**settings)
 
     def configure(self, aux_heads: Sequence[str] = (), aux: dict | None = None, granularity: str = "auto",
                   column: str | None = None, weight: float = 1.0) -> None:

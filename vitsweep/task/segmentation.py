@@ -83,6 +83,11 @@ class Segmentation(Objective):
         self.class_names, self.labels_at_output = None, MaskLabels(num_classes, granularity)
         self.configure(aux_heads, aux, column=column, weight=weight)
 
+    @classmethod
+    def as_head(cls, name, settings, run):
+        settings.setdefault("granularity", run["granularity"])  # the data's, unless the head sets its own
+        return super().as_head(name, settings, run)
+
     def reader(self) -> Masks:
         return Masks(self.target_name, [self.column] if self.column else [])
 
