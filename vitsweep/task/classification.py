@@ -81,6 +81,10 @@ class Classification(Objective):
     def num_outputs(self) -> int:
         return self.num_classes
 
+    @property
+    def class_logits(self) -> bool:  # model/early_exit leaves at a confident class: single-label only
+        return not self.multi_label
+
     def reader(self) -> ClassLabels:
         # without a column of its own: the loader's label column(s), every row labelled
         return ClassLabels(self.target_name, [self.column]) if self.column else RequiredClassLabels(self.target_name)

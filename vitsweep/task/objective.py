@@ -66,6 +66,9 @@ class Objective(Task):
 
     registry: ClassVar[dict[str, type[Objective]]] = {}  # name -> class, filled as objective modules are imported
     name = ""
+    image_level = True  # one target per image from the pooled vector (not per pixel or patch): deep supervision
+    #                     repeats its head from an earlier block, and patch or pixel labels are refused
+    class_logits = False  # its head gives single-label class logits: model/early_exit may leave at a confident one
     target_name = "label"  # its target among a batch's targets: the main target, or a multi-task head's name
     monitor, monitor_mode = "val/loss", "min"
     weight = 1.0  # its share of a multi-task loss
@@ -106,7 +109,7 @@ class Objective(Task):
                   column: str | None = None, weight: float = 1.0) -> None:
         """The settings every objective shares: what it reads (`column`), its weight as a multi-task head, and
         its auxiliary heads."""
-        if self.name in ("classification", "regression") and granularity not in ("auto", "image"):
+        if self.image_level and granularity not in ("auto", "image"):
             raise ValueError(f"data.label_granularity={granularity}: task={self.name} learns one label per image; "
                              f"patch and pixel labels go with task=segmentation")
         unknown = [name for name in aux_heads if name not in AUX_HEADS]
@@ -116,10 +119,10 @@ class Objective(Task):
         self.column, self.weight = column, weight
         self.aux_heads = list(aux_heads)
         self.aux = {name: {**AUX_DEFAULTS[name], **dict((aux or {}).get(name) or {})} for name in self.aux_heads}
-        if "deep_supervision" in self.aux and self.name not in ("classification", "regression"):
+        if "deep_supervision" in self.aux and not self.image_level:
             raise ValueError(f"task.aux_heads=[deep_supervision] repeats a pooled head from an earlier block: "
                              f"task={self.name} has none; drop it")
-        if "attention" in self.aux and "region" not in self.aux and self.name != "segmentation":
+        if "attention" in self.aux and "region" not in self.aux and not self.reads_masks:
             raise ValueError("task.aux_heads=[attention] learns from region masks: add region to task.aux_heads "
                              "(task.aux.region.column names the masks)")
         # the region head's labels: each patch's majority class of the region mask
@@ -173,10 +176,15 @@ class Objective(Task):
 
     def targets(self) -> dict[str, TargetReader]:
         readers = {self.target_name: self.reader()}
-        if self.region is not None and self.name != "segmentation":
+        if self.region is not None and not self.reads_masks:  # the region masks: a target of their own
             column = self.aux.get("region", AUX_DEFAULTS["region"])["column"]
             readers["region"] = Masks("region", [column])
         return readers
+
+    @property
+    def reads_masks(self) -> bool:
+        """Whether its own targets are masks (then the region and attention heads learn from them)."""
+        return isinstance(self.reader(), Masks)
 
     def split_targets(self, targets: Targets):
         """(its own targets, the region masks or None) of a batch."""
@@ -207,7 +215,7 @@ class Objective(Task):
         self.fit(data.target_summary(self.target_name), data.class_names(self.target_name), model, data)
         if self.region is not None:
             self.region.fit_to(model)
-            if self.name != "segmentation":
+            if not self.reads_masks:
                 top = data.target_summary("region").get("max_class", -1)
                 if top >= self.region.num_classes:
                     raise ValueError(f"task.aux.region.num_classes={self.region.num_classes} but the region masks "
@@ -221,10 +229,11 @@ class Objective(Task):
         early_exit = getattr(model, "early_exit", None)
         self.exit_layers = list(early_exit.layers) if early_exit is not None and early_exit.name != "none" else None
         self.exit_loss_weight = early_exit.loss_weight if self.exit_layers else 0.0
-        if self.exit_layers and (self.name != "classification" or getattr(self, "multi_label", False)):
+        if self.exit_layers and not self.class_logits:
+            multi_label = " with multi_label=true" if getattr(self, "multi_label", False) else ""
             raise ValueError(f"model/early_exit={early_exit.name} leaves at a confident class prediction, but this "
-                             f"run is task={self.name}{' with multi_label=true' if self.name == 'classification' else ''}:"
-                             f" use model/early_exit=none, or single-label task=classification")
+                             f"run is task={self.name}{multi_label}: use model/early_exit=none, or single-label "
+                             f"task=classification")
 
     # ------------------------------------------------------------------- the loop's calls
 

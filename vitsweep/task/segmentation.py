@@ -67,6 +67,7 @@ class SegmentationEvaluator(Evaluator):
 class Segmentation(Objective):
     name = "segmentation"
     target_name = "mask"
+    image_level = False  # a class per pixel or per patch
 
     def __init__(self, num_classes: int | None = None, granularity: str = "pixel", decoder: str = "linear",
                  decoder_channels: int = 64, class_weights: Sequence[float] | None = None,
