@@ -52,7 +52,7 @@ def multispectral_tree(root, size=8, bands=5):
 def test_imagefolder_reads_npy_and_tif_arrays_with_any_channel_count_in_their_dtype(tmp_path):
     arrays = multispectral_tree(tmp_path / "tiles")
     data = load_imagefolder(str(tmp_path / "tiles"), image_size=8, in_channels=5, val_fraction=0.25)
-    assert data.class_names() == ["field", "water"]
+    assert data.class_names == ["field", "water"]
     assert data.train.images.dtype == torch.uint16 and data.train.images.shape[1:] == (5, 8, 8)
     assert len(data.train) + len(data.val) == 12 and len(data.test) == 4
     stored = {tuple(image.flatten()[:6].tolist()) for image in torch.cat([data.train.images, data.val.images])}
@@ -160,7 +160,7 @@ def csv_dataset(root, n=20, split_column=True):
 def test_csv_single_label_with_split_column_keeps_metadata_with_each_row(tmp_path):
     manifest = csv_dataset(tmp_path)
     data = load_csv(str(manifest), image_size=8, in_channels=4)
-    assert data.class_names() == ["calm", "riot"]
+    assert data.class_names == ["calm", "riot"]
     assert (len(data.train), len(data.val), len(data.test)) == (12, 4, 4)
     for split in (data.train, data.val, data.test):
         row = split.images[:, 0, 0, 0].long()  # the file of row i holds the value i
@@ -176,7 +176,7 @@ def test_csv_multi_label_and_a_seeded_split(tmp_path):
     kwargs = {"image_size": 8, "in_channels": 4, "label_columns": ["riot", "crowd"],
               "metadata_columns": ["population"], "test_fraction": 0.25, "val_fraction": 0.2, "split_seed": 3}
     data = load_csv(str(manifest), **kwargs)
-    assert data.class_names() == ["riot", "crowd"]
+    assert data.class_names == ["riot", "crowd"]
     assert data.train.labels.dtype == torch.float32 and data.train.labels.shape[1] == 2
     for split in (data.train, data.val, data.test):
         row = split.images[:, 0, 0, 0].long()
@@ -232,7 +232,7 @@ def test_cifar10_loads_a_local_copy_without_network(tmp_path, monkeypatch):
     fake_cifar10(tmp_path / "cifar10")
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # our fake files lack the md5s
     data = load_cifar10(str(tmp_path / "cifar10"), download=False, val_fraction=0.2)
-    assert data.class_names() == [f"class{i}" for i in range(10)]
+    assert data.class_names == [f"class{i}" for i in range(10)]
     assert len(data.train) + len(data.val) == 20 and len(data.test) == 4
     assert data.train.images.dtype == torch.uint8 and data.train.images.shape[1:] == (3, 32, 32)
     for split in (data.train, data.val, data.test):  # channel planes land on the channel axis

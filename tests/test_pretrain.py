@@ -120,7 +120,7 @@ def test_mae_refuses_attention_patterns_and_bad_ratios_in_one_line():
     with pytest.raises(ValueError, match=r"pretrain.mask_ratio=0.99 hides 16 of 16"):
         MAE(mask_ratio=0.99).wrap(tiny_encoder())
     with pytest.raises(ValueError, match="model.trainable"):
-        MAE().build(create_vit(image_size=16, patch_size=4, in_channels=1, num_classes=0, embed_dim=32, depth=1,
+        MAE().wrap(create_vit(image_size=16, patch_size=4, in_channels=1, num_classes=0, embed_dim=32, depth=1,
                                num_heads=2, mlp_dim=64, trainable="head"))
 
 
