@@ -126,6 +126,9 @@ def compose_cell(base: str, cell: list[str]):
     choices = compose_cached(base).hydra.runtime.choices
     groups = sorted(o.input_line for o in parsed if o.get_key_element() in choices)
     job = compose_cached(" ".join([base, *groups]))
+    for override in parsed:
+        if override.get_key_element() in choices:  # the option exists and was taken
+            assert job.hydra.runtime.choices[override.get_key_element()] == override.value(), override.input_line
     cfg = OmegaConf.masked_copy(job, BUILT_FROM)  # the rest (hydra, paths, trainer) would only cost copying
     for override in parsed:
         key = override.get_key_element()
