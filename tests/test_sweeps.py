@@ -16,14 +16,12 @@ import pytest
 import torch
 from conftest import ROOT, TINY_RUN, offline_env, read_metrics, read_summary, run_cli
 from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from vitsweep.logger.wandb_offline import find_offline_runs, read_offline_run
 
 ABLATIONS = sorted(path.stem for path in (ROOT / "conf" / "experiment" / "ablation").glob("*.yaml"))
 RECIPES = sorted(path.stem for path in (ROOT / "conf" / "experiment").glob("*.yaml"))
-PARSER = OverridesParser.create()
 
 
 def compose_train(overrides: list[str]):
@@ -53,23 +51,10 @@ def test_cifar10_recipes_train_on_cifar10_with_their_budgets():
     assert tiny.optimizer.name == "adamw" and tiny.optimizer.weight_decay == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("ablation", ABLATIONS)
-def test_ablation_sweeps_over_keys_and_options_that_exist(ablation):
-    """Every value of every swept key composes: group options exist, config keys exist."""
-    cfg = compose_train([f"experiment=ablation/{ablation}"])
-    params = cfg.hydra.sweeper.params
-    assert params, f"ablation/{ablation} sets no hydra.sweeper.params"
-    assert cfg.task_name == f"ablation_{ablation}"
-    for key, values in OmegaConf.to_container(params, resolve=False).items():  # values as written
-        for value in str(values).split(","):
-            composed = compose_train([f"experiment=ablation/{ablation}", f"{key}={value}"])
-            if "/" in key or key in ("optimizer", "data", "model"):  # a group option
-                assert composed.hydra.runtime.choices[key] == value
-            elif "${" in value:  # an interpolation (model.pretrained=${starts.mae}): composed as written
-                parent, _, leaf = key.rpartition(".")
-                assert OmegaConf.to_container(OmegaConf.select(composed, parent), resolve=False)[leaf] == value
-            else:
-                assert OmegaConf.select(composed, key) == PARSER.parse_override(f"{key}={value}").value()
+def test_every_ablation_sets_its_task_name():
+    """Its W&B group. That every cell of every grid composes and builds: tests/test_recipe_builds.py."""
+    for ablation in ABLATIONS:
+        assert compose_train([f"experiment=ablation/{ablation}"]).task_name == f"ablation_{ablation}"
 
 
 # ------------------------------------------------------------------ a 2x2 grid with one failing job

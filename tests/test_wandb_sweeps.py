@@ -1,6 +1,6 @@
-"""W&B sweeps (sweeps/*.yaml): each file is a valid sweep whose parameters are keys and options of the
-composed config, mirrors the Hydra search or ablation it names, and its command, run the way
-`wandb agent` runs it, trains one job that reports the sweep's metric."""
+"""W&B sweeps (sweeps/*.yaml, written by `vitsweep sweeps`: tests/test_sweep_files.py): each file is a valid
+sweep whose parameters are keys and options of the composed config, mirrors the Hydra search or ablation it
+names, and its command, run the way `wandb agent` runs it, trains one job that reports the sweep's metric."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_com
 
 from vitsweep.logger.wandb import override_values
 from vitsweep.logger.wandb_offline import find_offline_runs, read_offline_run
+from vitsweep.sweep_files import find_sources
 
 SWEEPS = sorted(path.name for path in (ROOT / "sweeps").glob("*.yaml"))
 AGENT_COMMAND = ["${env}", "python", "${program}", "${args_no_hyphens}"]
@@ -42,13 +43,13 @@ def candidate_values(spec: dict) -> list:
 
 
 def test_there_is_a_sweep_per_search_and_per_ablation():
-    searches = {path.stem for path in (ROOT / "conf" / "hparams_search").glob("*.yaml")}
-    # ablation/pretraining fine-tunes from pretrain runs on this machine's disk (outputs/pretrain/...), which
-    # the agents of a W&B sweep on other machines would not have: it runs as a Hydra multirun only
-    ablations = {path.stem for path in (ROOT / "conf" / "experiment" / "ablation").glob("*.yaml")} - {"pretraining"}
-    experiments = {load_sweep(name)["parameters"]["experiment"]["value"] for name in SWEEPS}
-    assert {f"ablation/{name}" for name in ablations} <= experiments
-    assert searches and len(SWEEPS) >= len(ablations) + len(searches)
+    """Each ablation and search has its sweep file (`vitsweep sweeps` writes them), unless its config says
+    why not (ablation/pretraining: its MAE and DINO starts are files on this machine)."""
+    expected = {source.file_name for source in find_sources(ROOT / "conf")}
+    assert set(SWEEPS) == expected
+    configs = [*(ROOT / "conf" / "experiment" / "ablation").glob("*.yaml"), *(ROOT / "conf" / "hparams_search").glob("*.yaml")]
+    opted_out = {path.stem for path in configs if yaml.safe_load(path.read_text()).get("wandb_sweep") is False}
+    assert opted_out == {"pretraining"} and len(SWEEPS) == len(configs) - len(opted_out)
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -58,7 +59,8 @@ def test_sweep_file_is_a_wandb_sweep_that_passes_hydra_overrides(name):
     assert sweep["command"][:4] == AGENT_COMMAND  # the values reach run.py as key=value overrides
     assert sweep["method"] in ("grid", "random", "bayes")
     assert sweep["metric"]["goal"] in ("maximize", "minimize")
-    assert sweep["metric"]["name"].endswith("_best")  # <trainer.monitor>_best, in every run's summary
+    # <trainer.monitor>_best, in every run's summary; with early_terminate, the monitor W&B's hyperband reads
+    assert sweep["metric"]["name"].endswith("_best") != ("early_terminate" in sweep)
     for key, spec in sweep["parameters"].items():
         assert ("value" in spec) + ("values" in spec) + ("distribution" in spec) == 1, key
         if "distribution" in spec:
@@ -69,13 +71,16 @@ def test_sweep_file_is_a_wandb_sweep_that_passes_hydra_overrides(name):
 
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_swept_key_exists_in_the_composed_config(name):
-    parameters = load_sweep(name)["parameters"]
+    sweep = load_sweep(name)
+    parameters = sweep["parameters"]
     fixed = [f"{key}={spec['value']}" for key, spec in parameters.items() if "value" in spec]
     cfg = compose_train(fixed)
     monitor = cfg.trainer.monitor
-    assert load_sweep(name)["metric"]["name"] == f"{monitor}_best"
-    assert load_sweep(name)["metric"]["goal"] == f"{cfg.trainer.monitor_mode}imize"
+    assert sweep["metric"]["name"] == (monitor if "early_terminate" in sweep else f"{monitor}_best")
+    assert sweep["metric"]["goal"] == f"{cfg.trainer.monitor_mode}imize"
     for key, spec in parameters.items():
+        if "value" in spec:
+            continue  # composed above
         for value in candidate_values(spec):
             composed = compose_train([*fixed, f"{key}={value}"])  # an unknown key or option raises here
             if "/" in key or key in composed.hydra.runtime.choices:
@@ -84,10 +89,13 @@ def test_every_swept_key_exists_in_the_composed_config(name):
                 assert OmegaConf.select(composed, key) == pytest.approx(value)
 
 
-def test_search_sweep_mirrors_the_optuna_search():
-    optuna_params = compose_train(["hparams_search=vit_optuna"]).hydra.sweeper.params
-    wandb_params = {k: v for k, v in load_sweep("vit_search.yaml")["parameters"].items() if k != "experiment"}
-    assert set(wandb_params) == set(optuna_params)
+@pytest.mark.parametrize("name", [name for name in SWEEPS if name.startswith("search_")])
+def test_search_sweep_mirrors_the_optuna_search(name):
+    parameters = load_sweep(name)["parameters"]
+    search = parameters.pop("hparams_search")["value"]
+    recipe = parameters.pop("experiment")["value"]
+    optuna_params = compose_train([f"experiment={recipe}", f"hparams_search={search}"]).hydra.sweeper.params
+    assert set(parameters) == set(optuna_params) and name == f"search_{search}.yaml"
 
 
 @pytest.mark.parametrize("name", [name for name in SWEEPS if name.startswith("ablation_")])

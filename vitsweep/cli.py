@@ -9,6 +9,7 @@ import sys
 # imported only when called, so `vitsweep --help` does not pay for matplotlib or torch
 SUBCOMMANDS = {
     "compare": ("vitsweep.compare", "compare runs: table, comparison.csv, comparison.png"),
+    "sweeps": ("vitsweep.sweep_files", "write sweeps/*.yaml (W&B) from the ablations and searches in conf/; --check"),
 }
 
 

@@ -48,10 +48,11 @@ def check_forward(model: torch.nn.Module, cfg: DictConfig) -> None:
     that reads metadata columns is built after the data (model_and_data) and checked by its first step."""
     if reads_metadata(cfg.model):
         return
-    images = torch.zeros(2, cfg.model.in_channels, *as_pair(cfg.model.image_size))  # (B, C, H, W)
+    device = next(model.parameters()).device  # meta in tests that build every config: shapes only
+    images = torch.zeros(2, cfg.model.in_channels, *as_pair(cfg.model.image_size), device=device)  # (B, C, H, W)
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            copy.deepcopy(model).train()(images)
+            copy.deepcopy(model).to(device).train()(images)
     except Exception as err:  # noqa: BLE001 -- whatever the forward raised, the model's values caused it
         reason = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(f"model: the configured model cannot run a forward pass ({type(err).__name__}: {reason}): "
