@@ -160,9 +160,7 @@ class Trainer:
 
     def gather(self, chunks: list):
         """Every rank's batches of outputs or targets (tensors, or dicts of them), joined in rank order."""
-        if chunks and isinstance(chunks[0], dict):
-            return {name: self.ranks.gather_rows([chunk[name] for chunk in chunks]) for name in chunks[0]}
-        return self.ranks.gather_rows(chunks)
+        return self.ranks.gather_rows(chunks)  # dicts too: a rank with no batches learns their names from the others
 
     def fit(self, model, data, augment, task, optimizer, scheduler, logger, ckpt_dir: Path, seed: int,
             checkpoint_extra: dict, resume_state: dict | None = None) -> FitResult:
