@@ -118,6 +118,29 @@ def test_a_two_rank_checkpoint_resumes_in_one_process_on_the_same_curve(one_proc
     assert val_metrics(resumed)[-1] == pytest.approx(val_metrics(one_process)[-1], abs=1e-5)
 
 
+# DINO, the method with the most to share between ranks (the centre's all_reduce of the teacher's outputs, the
+# teacher following the student after each step), with its kNN monitor: val (64 images) is one eval batch of
+# 256, which rank 1 scores, and rank 0 gathers the named outputs (features, loss) without a batch of its own
+PRETRAIN = ["mode=pretrain", "pretrain=dino", "pretrain.out_dim=64", "pretrain.hidden_dim=32",
+            "pretrain.bottleneck_dim=16", "pretrain.num_local_crops=2", "data=synthetic", *TINY_MODEL,
+            "data.source.num_train=64", "data.batch_size=16", "trainer.max_epochs=2", "trainer.progress_bar=false",
+            "viz.enabled_at_end=false", "logger=none", "trainer.ddp_timeout_s=60"]
+
+
+@pytest.mark.slow
+def test_two_ranks_pretrain_an_encoder(tmp_path):
+    torchrun(PRETRAIN, tmp_path)
+    job_dir = tmp_path / "run"
+    summary = read_summary(job_dir)
+    assert summary["status"] == "completed" and summary["steps"] == 2 * 64 // 16
+    assert {"val/knn_acc", "val/loss", "val/feature_std"} <= summary["metrics"].keys()
+    assert [record["epoch"] for record in read_metrics(job_dir) if "val/loss" in record] == [0, 1]  # one writer
+    state = torch.load(job_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
+    encoder = {name: tensor for name, tensor in state.items() if name.startswith("encoder.")}
+    assert "encoder.patch_embed.proj.weight" in encoder and len(encoder) > 10
+    assert state["teacher_updates"] > 0 and state["center"].abs().sum() > 0  # the teacher and its centre moved
+
+
 def worker_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of torchrun's worker with RANK=rank (read from /proc)."""
     for proc in Path("/proc").iterdir():

@@ -34,7 +34,7 @@ from vitsweep.trainer import distributed
 
 log = logging.getLogger(__name__)
 
-FOLLOWED_MODES = ("train", "eval")  # mode=visualize draws on rank 0 alone
+FOLLOWED_MODES = ("train", "eval", "pretrain")  # mode=visualize draws on rank 0 alone
 
 
 class FollowerLogger:
