@@ -316,7 +316,7 @@ class Trainer:
             if self.improved(metrics[self.monitor], best_value):
                 best_value, best_epoch, best_metrics = metrics[self.monitor], epoch, metrics
                 checkpoint("best.pt", epoch + epoch_done, 0)
-            budget.after_epoch_end(step, time.time() - start_time)  # before last.pt, which stores the plan
+            budget.after_epoch_end(step, elapsed())  # before last.pt, which stores the plan
             if epoch_done:
                 epoch += 1
                 checkpoint("last.pt", epoch, 0)
