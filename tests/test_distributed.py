@@ -10,11 +10,16 @@ sbatch script and per-task environment of a 2 nodes x 4 GPUs SLURM job.
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
 import os
+import queue
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +30,7 @@ from test_training_options import fit
 from vitsweep.data import DataModule
 from vitsweep.data.synthetic import load_synthetic
 from vitsweep.logger.wandb_offline import find_offline_runs, read_offline_run
-from vitsweep.trainer import Trainer, distributed
+from vitsweep.trainer import Trainer, distributed, loop
 from vitsweep.trainer.distributed import Launch, Ranks
 
 # 2 epochs of 10 steps of global batch 16 (drop_path 0 and no augmentation: nothing random per sample,
@@ -116,6 +121,29 @@ def test_a_two_rank_checkpoint_resumes_in_one_process_on_the_same_curve(one_proc
     resumed = tmp_path / "one_rank" / "run"
     assert step_losses(resumed) == pytest.approx(step_losses(one_process)[STEPS_PER_EPOCH:], abs=1e-4)
     assert val_metrics(resumed)[-1] == pytest.approx(val_metrics(one_process)[-1], abs=1e-5)
+
+
+# DINO, the method with the most to share between ranks (the centre's all_reduce of the teacher's outputs, the
+# teacher following the student after each step), with its kNN monitor: val (64 images) is one eval batch of
+# 256, which rank 1 scores, and rank 0 gathers the named outputs (features, loss) without a batch of its own
+PRETRAIN = ["mode=pretrain", "pretrain=dino", "pretrain.out_dim=64", "pretrain.hidden_dim=32",
+            "pretrain.bottleneck_dim=16", "pretrain.num_local_crops=2", "data=synthetic", *TINY_MODEL,
+            "data.source.num_train=64", "data.batch_size=16", "trainer.max_epochs=2", "trainer.progress_bar=false",
+            "viz.enabled_at_end=false", "logger=none", "trainer.ddp_timeout_s=60"]
+
+
+@pytest.mark.slow
+def test_two_ranks_pretrain_an_encoder(tmp_path):
+    torchrun(PRETRAIN, tmp_path)
+    job_dir = tmp_path / "run"
+    summary = read_summary(job_dir)
+    assert summary["status"] == "completed" and summary["steps"] == 2 * 64 // 16
+    assert {"val/knn_acc", "val/loss", "val/feature_std"} <= summary["metrics"].keys()
+    assert [record["epoch"] for record in read_metrics(job_dir) if "val/loss" in record] == [0, 1]  # one writer
+    state = torch.load(job_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
+    encoder = {name: tensor for name, tensor in state.items() if name.startswith("encoder.")}
+    assert "encoder.patch_embed.proj.weight" in encoder and len(encoder) > 10
+    assert state["teacher_updates"] > 0 and state["center"].abs().sum() > 0  # the teacher and its centre moved
 
 
 def worker_pid(launcher_pid: int, rank: int) -> int | None:
@@ -256,6 +284,59 @@ def test_ddp_in_a_one_rank_group_trains_as_the_single_device_loop(one_rank_group
     for name, ours in ddp_model.state_dict().items():
         assert torch.allclose(ours, theirs[name], atol=1e-6), name
     assert "module." not in next(iter(torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt")["model"]))
+
+
+def ddp_rank_on_its_own_clock(rank: int, port: int, tick_s: float, tmp_path: Path, results) -> None:
+    """Rank `rank` of 2 (gloo, CPU) fitting under trainer.max_time, with a clock of its own: each reading of
+    the loop's clock advances it by tick_s, so a run's elapsed time is a count of readings, not a race."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)  # as torchrun's ranks: two processes on a few cores
+    clock = itertools.count(0.0, tick_s)
+    loop.time = SimpleNamespace(time=lambda: next(clock))  # the loop's `time.time()`, in this process only
+    distributed.start(Launch(rank=rank, world_size=2, launcher="env"))
+    try:
+        result, *_ = fit(tmp_path, f"rank{rank}", max_epochs=50, strategy="ddp", max_time=100, ddp_timeout_s=20)
+        results.put((rank, result.steps, result.stop_reason))
+    except Exception as err:  # noqa: BLE001 -- the test reports it
+        results.put((rank, None, f"{type(err).__name__}: {err}"))
+    finally:
+        distributed.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks the two ranks")
+def test_under_max_time_every_rank_stops_at_the_same_step_whatever_its_own_clock(tmp_path):
+    """The time budget plans and stops from rank 0's clock on every rank: rank 1's clock runs four times as
+    fast as rank 0's, and still both ranks take the same steps. (A rank that re-planned from its own clock
+    would plan fewer steps and stop early, and rank 0's next collective would wait for a peer that has gone.)"""
+    context = multiprocessing.get_context("fork")  # the ranks share this process's imports: no start-up
+    results = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=ddp_rank_on_its_own_clock, args=(rank, port, tick_s, tmp_path, results))
+             for rank, tick_s in ((0, 1.0), (1, 4.0))]
+    for process in ranks:
+        process.start()
+    reports, deadline = {}, time.time() + 60  # a few seconds when the ranks agree; a hang when they do not
+    while len(reports) < len(ranks) and time.time() < deadline:
+        try:
+            rank, steps, how = results.get(timeout=1)
+            reports[rank] = steps, how
+        except queue.Empty:
+            if not any(process.is_alive() for process in ranks):
+                break
+    for process in ranks:
+        process.join(timeout=1)
+        if process.is_alive():
+            process.kill()  # waiting for a peer that stopped
+    assert reports.keys() == {0, 1}, reports
+    (steps, how), (steps_1, how_1) = reports[0], reports[1]
+    assert how == how_1 == "max_time", reports  # time ended it (not max_epochs), and no rank failed
+    assert steps == steps_1 and 0 < steps < 50 * 4, reports
 
 
 def test_slurm_job_of_2_nodes_x_4_gpus_has_8_tasks_and_their_distributed_environment(tmp_path, monkeypatch):

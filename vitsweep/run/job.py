@@ -39,6 +39,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from vitsweep.logger.atomic_file import OutputWriteError
 from vitsweep.logger.run_logger import RunLogger
 from vitsweep.model.pretrained import PretrainedLoadError
+from vitsweep.run.lock import JobDirBusy, JobDirLock
 from vitsweep.run.trained_config import adopt_trained_config
 from vitsweep.trainer import interrupt
 from vitsweep.trainer.checkpoint import load_checkpoint
@@ -215,12 +216,13 @@ def set_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(threads)
 
 
-def stop_on_signal(err: interrupt.Interrupted, job: JobRecord, logger: RunLogger) -> NoReturn:
+def stop_on_signal(err: interrupt.Interrupted, job: JobRecord, logger: RunLogger, lock: JobDirLock) -> NoReturn:
     """A signal stopped the job: record it as interrupted, finish the W&B run, say so in one line, and
     exit with 128 + signal, or let submitit requeue it (then the next attempt resumes by itself)."""
     requeue = interrupt.will_requeue(err)
     logger.update_summary(requeued=requeue)
     logger.finish(status="interrupted", error=err.signal_name + (f" at {err.where}" if err.where else ""))
+    lock.release()  # the record is final; the process ends below without unwinding (os._exit)
     if requeue:
         how = "submitit requeues it and it resumes from last.pt"
     else:
@@ -236,6 +238,19 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
     """One Hydra job: `modes[cfg.mode]` wrapped in the bookkeeping above. Returns the monitored metric
     (for sweepers); NaN when a multirun job failed (under Optuna the failure is raised instead)."""
     job = JobRecord.from_hydra(cfg)
+    # one process per job dir (vitsweep/run/lock.py), from before resume=true reads it until the record is final
+    try:
+        lock = JobDirLock.acquire(job.job_dir)
+    except (JobDirBusy, OutputWriteError) as err:
+        raise UserError(str(err)) from None
+    try:
+        return run_held_job(cfg, modes, job, lock)
+    finally:
+        lock.release()  # completed, failed, skipped or refused: the next run may take the dir
+
+
+def run_held_job(cfg: DictConfig, modes: dict[str, Mode], job: JobRecord, lock: JobDirLock) -> float:
+    """run_job's work, in a job dir this process holds."""
     if cfg.mode in FITTING_MODES and (cfg.get("resume") or requeued_by_slurm() or requeued_by_submitit(job.job_dir)):
         stored_value = resume(cfg, job)
         if stored_value is not None:
@@ -264,7 +279,7 @@ def run_job(cfg: DictConfig, modes: dict[str, Mode]) -> float:
     except BaseException as err:
         if isinstance(err, interrupt.Interrupted):
             # a signal that came while an error unwound the stack: the job had failed (a dead DDP rank)
-            err = interrupt.failure_behind(err) or stop_on_signal(err, job, logger)
+            err = interrupt.failure_behind(err) or stop_on_signal(err, job, logger, lock)
         bad_input = user_error(err)
         message = f"{type(bad_input or err).__name__}: {bad_input or err}"
         with interrupt.held():  # a signal now (torchrun stopping the other ranks) waits for the record

@@ -253,17 +253,37 @@ class Ranks:
         dist.broadcast(shared, src=0, group=self.group)
         return float(shared.item())
 
-    def gather_rows(self, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Concatenate this rank's chunks (N_r, ...) and gather every rank's, in rank order: (sum N_r, ...)
-        on every rank. A rank may have none (a split with fewer batches than ranks)."""
+    def gather_rows(self, chunks: Sequence[torch.Tensor | dict[str, torch.Tensor]]):
+        """Concatenate this rank's chunks (N_r, ...), tensors or dicts of them (named outputs or targets), and
+        gather every rank's, in rank order: (sum N_r, ...) on every rank, per name for dicts. A rank may have
+        none (a split with fewer batches than ranks): it learns the names, shapes and dtypes from the others,
+        so every rank makes the same collectives."""
+        if not chunks or isinstance(chunks[0], torch.Tensor):
+            local = torch.cat(list(chunks)) if chunks else None
+        else:
+            local = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
         if not self.distributed:
-            return torch.cat(list(chunks))
-        local = torch.cat(list(chunks)) if chunks else None
-        shapes = [None] * self.world_size  # (rows, trailing shape, dtype) of each rank, None if it has none
-        shape = None if local is None else (len(local), tuple(local.shape[1:]), local.dtype)
-        dist.all_gather_object(shapes, shape, group=self.group)
-        _, trailing, dtype = next(shape for shape in shapes if shape is not None)
-        rows = [0 if shape is None else shape[0] for shape in shapes]
+            return local
+        # every rank's layout: (rows, trailing shape, dtype), a dict of them, or None if it has no rows
+        if local is None:
+            layout = None
+        elif isinstance(local, dict):
+            layout = {name: layout_of(rows) for name, rows in local.items()}
+        else:
+            layout = layout_of(local)
+        layouts = [None] * self.world_size
+        dist.all_gather_object(layouts, layout, group=self.group)
+        named = next(layout for layout in layouts if layout is not None)
+        if isinstance(named, dict):  # the names in one rank's order: the same collectives on every rank
+            return {name: self.gather_tensor(None if local is None else local[name],
+                                             [None if layout is None else layout[name] for layout in layouts])
+                    for name in named}
+        return self.gather_tensor(local, layouts)
+
+    def gather_tensor(self, local: torch.Tensor | None, layouts: list) -> torch.Tensor:
+        """Every rank's rows of one tensor, in rank order, given every rank's (rows, trailing, dtype) or None."""
+        _, trailing, dtype = next(layout for layout in layouts if layout is not None)
+        rows = [0 if layout is None else layout[0] for layout in layouts]
         # all_gather takes equal shapes: every share padded to the longest
         padded = torch.zeros((max(rows), *trailing), dtype=dtype, device=self.device)
         if local is not None:
@@ -279,6 +299,10 @@ class Ranks:
             dist.barrier(group=self.group, device_ids=[self.device.index])
         else:
             dist.barrier(group=self.group)
+
+
+def layout_of(rows: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype]:
+    return len(rows), tuple(rows.shape[1:]), rows.dtype
 
 
 def join_ranks(strategy: str, device: torch.device, timeout_s: float) -> Ranks:

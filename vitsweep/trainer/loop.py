@@ -197,9 +197,7 @@ class Trainer:
 
     def gather(self, chunks: list):
         """Every rank's batches of outputs or targets (tensors, or dicts of them), joined in rank order."""
-        if chunks and isinstance(chunks[0], dict):
-            return {name: self.ranks.gather_rows([chunk[name] for chunk in chunks]) for name in chunks[0]}
-        return self.ranks.gather_rows(chunks)
+        return self.ranks.gather_rows(chunks)  # dicts too: a rank with no batches learns their names from the others
 
     # ------------------------------------------------------------------------------------------ fit
 
