@@ -165,7 +165,8 @@ class DINOModel(nn.Module):
         if self.training:
             student_out, teacher_out, student_features = self.outputs(images)
             loss = self.loss(student_out, teacher_out, student_features)
-            self.update_center(teacher_out)
+            if torch.is_grad_enabled():  # a training step; not the build's one-forward check (no gradients, one
+                self.update_center(teacher_out)  # rank at a time: a collective there would wait for the others)
             return {"loss": loss.mean()}
         with fixed_randomness(images.device):  # the same crops at every evaluation
             student_out, teacher_out, student_features = self.outputs(images)

@@ -108,6 +108,9 @@ class Pretraining(Task):
     def targets(self) -> dict[str, TargetReader]:
         return dict(self.label_readers)
 
+    def model_args(self) -> dict:
+        return {"num_classes": 0}  # an encoder: no head (what fine-tuning puts on it is the task's)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module the loop trains around the encoder `model` (its `encoder` attribute is what fine-tuning
         loads)."""
