@@ -125,9 +125,10 @@ def inputs_for(groups: dict[str, str]):
     return Inputs(images, numeric, categories, dates)
 
 
-def build_case(case: dict):
-    """The model of a case (weights filled), and for a method case the method's module around it."""
-    cfg = compose_case(case["overrides"])
+def build_case(case: dict, cfg=None):
+    """The model of a case (weights filled), and for a method case the method's module around it; `cfg`: the
+    case's config when composed already (tests/test_trunk_reference.py composes the cases faster)."""
+    cfg = compose_case(case["overrides"]) if cfg is None else cfg
     extra = {"metadata_spec": METADATA_SPEC} if "metadata" in case["groups"] else {}
     if "method" in case:
         encoder = instantiate(cfg.model, num_classes=0, **extra)
