@@ -8,6 +8,9 @@ The sequence is [cls, prompts, patches]; prompts get no position embedding (the 
 shape, so pretrained weights load as they are). Prompt tokens are prefix tokens: global under
 every attention pattern, never pruned or merged, left out of mean pooling and of attention maps.
 With `model.trainable=prompt+head` only the prompts and the head train.
+
+The prompts plug into the trunk's loop (hooks.py) at `prefix_tokens` (the first layer's, after cls) and,
+deep, at `before_block` (each later layer's own, in place of the previous layer's outputs there).
 """
 
 from __future__ import annotations
