@@ -18,7 +18,8 @@ the mean of the patch tokens with model.pooling=mean (pooling.py, as the final h
 It plugs into the trunk's loop (hooks.py) after a block (`after_block`: the exit head; at eval the samples
 that leave drop out of the batch, and the loop ends once none is left) and at the output (`output`: each
 sample's logits from where it left). It needs single images and class logits from the linear head
-(compat.py refuses temporal, metadata and task heads with it).
+(compat.py refuses temporal, metadata and task heads with it); the frames of a time series given to it
+(model/temporal=none) are read as images of their own, one output per frame, as at 5462088.
 
 To score every exit (per-exit accuracy, the share leaving at each, the mean depth) an eval forward must
 run all blocks and keep every head's logits; `record_exits(model)` does that:
@@ -133,12 +134,12 @@ class ConfidenceExit(NoEarlyExit):
         if layer not in self.blocks:
             return tokens
         logits = self.head(layer, tokens)  # (R, K)
-        if self.name not in run.notes:  # the first exit: every sample still running
+        if "early_exit" not in run.notes:  # the first exit: every sample still running
             # samples drop out as they leave: at eval, unless record_exits wants every exit (or on the meta
             # device, the FLOP count: no values to decide on, the whole depth, the worst case)
             drop_out = not self.training and self.recorder is None and not tokens.is_meta
-            run.notes[self.name] = ExitPass(drop_out, torch.arange(tokens.shape[0], device=tokens.device))
-        exits = run.notes[self.name]
+            run.notes["early_exit"] = ExitPass(drop_out, torch.arange(tokens.shape[0], device=tokens.device))
+        exits = run.notes["early_exit"]
         if not exits.drop_out:
             exits.exit_logits.append(logits)
             return tokens
@@ -155,7 +156,7 @@ class ConfidenceExit(NoEarlyExit):
 
     def output(self, out: torch.Tensor, run: TrunkPass):
         """The final head's logits (R, K) of the samples that ran every block -> the model's output."""
-        exits = run.notes[self.name]
+        exits = run.notes["early_exit"]
         if exits.drop_out:
             exits.out[exits.running] = out  # the final head takes whoever is left
             return exits.out
