@@ -10,7 +10,7 @@ and every combination refused then is refused now with the same one-line message
 Composing each case with Hydra costs more than building and running it, so the base config (the BASE
 overrides) is composed once and each case's overrides are applied to a copy with OmegaConf, parsed by Hydra's
 own override parser (`fast_config`); `test_the_fast_config_is_hydras_compose` checks that for cases of every
-override kind. The pair cases (450 of 666) are marked slow.
+override kind. The whole file then runs in 20-30 s on two cores (the 450 pair cases in about 14 s).
 """
 
 from __future__ import annotations
@@ -98,13 +98,7 @@ def compare(got, expected, where: str) -> None:
         assert torch.equal(got, expected), where
 
 
-def case_params():
-    for name, case in CASES.items():
-        pair = len(case["groups"]) == 2
-        yield pytest.param(name, id=name, marks=[pytest.mark.slow] if pair else [])
-
-
-@pytest.mark.parametrize("name", list(case_params()))
+@pytest.mark.parametrize("name", list(CASES))
 def test_the_trunk_computes_what_it_did_at_5462088(name):
     case, expected = CASES[name], reference()[name]
     assert expected["overrides"] == case["overrides"]  # the case is the one recorded
