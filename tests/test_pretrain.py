@@ -16,8 +16,7 @@ from vitsweep.data.digits import load_digits
 from vitsweep.model import create_vit
 from vitsweep.model.pretrained import load_pretrained
 from vitsweep.pretrain import DINO, ENCODER_PREFIX, MAE
-from vitsweep.pretrain.dino import dino_loss, koleo_loss
-from vitsweep.pretrain.encoder import encode, pooled_features
+from vitsweep.pretrain.dino import dino_loss, koleo_loss, pooled
 from vitsweep.pretrain.knn import knn_accuracy
 from vitsweep.pretrain.mae import random_masking
 from vitsweep.pretrain.multicrop import MultiCrop, random_resized_crops
@@ -86,13 +85,15 @@ def test_the_encoder_sees_only_the_visible_patches():
     changed = images.clone()
     hidden_pixels = unpatchify(hidden[..., None].float().expand(-1, -1, 16), 4, 4, (16, 16)) > 0.5
     changed[hidden_pixels] = torch.randn(int(hidden_pixels.sum()))  # new content in every hidden patch
-    latent = encode(encoder, images, visible)
+    latent = encoder.forward_features(images, visible=visible)
     assert latent.shape == (4, 1 + 4, 32)  # cls + the 4 visible patches go through the blocks
-    torch.testing.assert_close(encode(encoder, changed, visible), latent, rtol=0, atol=0)
+    torch.testing.assert_close(encoder.forward_features(changed, visible=visible), latent, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("pooling,pos_embed", [("cls", "learned"), ("mean", "sincos"), ("cls", "none")])
-def test_encode_is_the_encoders_own_forward(pooling, pos_embed):
+def test_visible_patches_and_other_sizes_run_the_encoders_own_loop(pooling, pos_embed):
+    from timm.layers import resample_abs_pos_embed
+
     from vitsweep.model.pos_embed import (
         LearnedPositionEmbedding,
         NoPositionEmbedding,
@@ -102,10 +103,23 @@ def test_encode_is_the_encoders_own_forward(pooling, pos_embed):
     kind = {"learned": LearnedPositionEmbedding, "sincos": SinCosPositionEmbedding, "none": NoPositionEmbedding}
     encoder = tiny_encoder(pooling=pooling, pos_embed=kind[pos_embed]).eval()
     images = torch.randn(3, 1, 16, 16)
-    torch.testing.assert_close(encode(encoder, images), encoder.forward_features(images))
-    torch.testing.assert_close(pooled_features(encoder, images), encoder(images))  # the head is Identity
-    small = encode(encoder, torch.randn(3, 1, 8, 8))  # a 2 x 2 grid: the position embedding resampled
+    every_patch = torch.arange(16).expand(3, -1)  # (B, P): visible=every patch, in order, is the whole image
+    torch.testing.assert_close(encoder.forward_features(images, visible=every_patch), encoder.forward_features(images))
+    torch.testing.assert_close(pooled(encoder, images), encoder(images))  # the head is Identity
+    # a 2 x 2 grid: the position embedding resampled as timm resamples it, then the same blocks
+    small_images = torch.randn(3, 1, 8, 8)
+    small = encoder.forward_features(small_images)
     assert small.shape == (3, encoder.num_prefix_tokens + 4, 32)
+    at_8px = tiny_encoder(image_size=8, pooling=pooling, pos_embed=kind[pos_embed]).eval()
+    state = encoder.state_dict()
+    if "pos_embed.weight" in state:
+        state["pos_embed.weight"] = resample_abs_pos_embed(state["pos_embed.weight"], new_size=[2, 2], old_size=[4, 4],
+                                                           num_prefix_tokens=encoder.num_prefix_tokens)
+    if pos_embed == "sincos":  # a buffer, not in the state dict
+        at_8px.pos_embed.weight.copy_(resample_abs_pos_embed(encoder.pos_embed.weight, new_size=[2, 2],
+                                                             old_size=[4, 4], num_prefix_tokens=encoder.num_prefix_tokens))
+    at_8px.load_state_dict(state)
+    torch.testing.assert_close(small, at_8px.forward_features(small_images))
 
 
 def test_mae_refuses_attention_patterns_and_bad_ratios_in_one_line():
@@ -350,14 +364,14 @@ def dino_on_digits(tmp_path_factory):
     @torch.no_grad()
     def knn(encoder):  # train split as the bank, test split as the queries
         encoder.eval()
-        features = {split: pooled_features(encoder, data.normalize(data.to_float(data.split(split).images)))
+        features = {split: pooled(encoder, data.normalize(data.to_float(data.split(split).images)))
                     for split in ("train", "test")}
         return knn_accuracy(features["test"], data.split("test").labels, bank=features["train"],
                             bank_labels=data.split("train").labels)
 
     at_init = knn(model.encoder)
     with torch.no_grad():
-        spread_at_init = feature_spread(pooled_features(model.encoder, digits_inputs(512)))
+        spread_at_init = feature_spread(pooled(model.encoder, digits_inputs(512)))
     epochs, steps = DIGITS_EPOCHS, data.steps_per_epoch()
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.04)
     scheduler = build(OmegaConf.create({"_target_": "vitsweep.scheduler.cosine", "warmup_epochs": 1}),
@@ -369,7 +383,7 @@ def dino_on_digits(tmp_path_factory):
                 seed=0, checkpoint_extra={})
     model.eval()
     with torch.no_grad():
-        features = pooled_features(model.encoder, digits_inputs(512))
+        features = pooled(model.encoder, digits_inputs(512))
         targets = torch.softmax((model.teacher_head(features) - model.center) / model.teacher_temp, dim=-1)
     entropy = float(-(targets * targets.clamp_min(1e-12).log()).sum(dim=-1).mean())  # log K: the uniform collapse
     return {"at_init": at_init, "spread_at_init": spread_at_init, "pretrained": knn(model.encoder),

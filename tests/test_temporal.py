@@ -18,6 +18,7 @@ from vitsweep.data.datamodule import DataModule
 from vitsweep.data.inputs import Inputs
 from vitsweep.data.synthetic_series import load_synthetic_series
 from vitsweep.model.clip import Clip
+from vitsweep.model.hooks import TrunkPass
 from vitsweep.model.temporal import DividedSpaceTime, FactorisedEncoder, FrameAverage, TimeEncoding
 from vitsweep.model.vit import VisionTransformer
 
@@ -87,7 +88,7 @@ def test_divided_mixes_only_the_same_token_position_across_frames():
     for parameter in divided.parameters():
         torch.nn.init.normal_(parameter, std=0.3)
     tokens = torch.randn(2 * 3, 5, 8, requires_grad=True)  # B=2 samples, T=3 frames, N=5 tokens
-    out = divided.mix(0, tokens, Clip(frames=3)).view(2, 3, 5, 8)
+    out = divided.before_block(0, tokens, TrunkPass(Clip(frames=3))).view(2, 3, 5, 8)
     out[0, 1, 2].sum().backward()  # sample 0, frame 1, token 2
     reaches = tokens.grad.view(2, 3, 5, 8).abs().sum(dim=-1) > 0  # (B, T, N)
     assert reaches[0, :, 2].all() and reaches.sum() == 3  # token 2 of every frame of sample 0, nothing else

@@ -125,9 +125,10 @@ def inputs_for(groups: dict[str, str]):
     return Inputs(images, numeric, categories, dates)
 
 
-def build_case(case: dict):
-    """The model of a case (weights filled), and for a method case the method's module around it."""
-    cfg = compose_case(case["overrides"])
+def build_case(case: dict, cfg=None):
+    """The model of a case (weights filled), and for a method case the method's module around it; `cfg`: the
+    case's config when composed already (tests/test_trunk_reference.py composes the cases faster)."""
+    cfg = compose_case(case["overrides"]) if cfg is None else cfg
     extra = {"metadata_spec": METADATA_SPEC} if "metadata" in case["groups"] else {}
     if "method" in case:
         encoder = instantiate(cfg.model, num_classes=0, **extra)
@@ -160,8 +161,7 @@ def run_case(model, case: dict) -> dict:
     """What is recorded of a built case: eval-mode outputs (with every early exit's logits and where each
     sample left), then training-mode outputs; for a method, its eval outputs (features and per-image loss),
     the encoder's tokens on visible patches only (MAE) and its pooled features of smaller crops (DINO)."""
-    from vitsweep.model.early_exit import record_exits  # the API of commit 5462088
-    from vitsweep.pretrain.encoder import encode, pooled_features
+    from vitsweep.model.early_exit import record_exits
 
     inputs = inputs_for(case["groups"])
     out = {}
@@ -170,8 +170,10 @@ def run_case(model, case: dict) -> dict:
         out["eval"] = _plain(model(inputs))
         encoder = model.encoder
         visible = torch.tensor([[0, 3, 5, 6], [15, 1, 2, 9]])
-        out["visible_tokens"] = _plain(encode(encoder, inputs, visible))
-        out["small_crops"] = _plain(pooled_features(encoder, inputs[..., :8, :8]))
+        # the trunk's own loop on the visible patches only, and on crops of another size (a 2 x 2 grid); at
+        # 5462088 these were vitsweep.pretrain.encoder's encode(encoder, inputs, visible) and pooled_features
+        out["visible_tokens"] = _plain(encoder.forward_features(inputs, visible=visible))
+        out["small_crops"] = _plain(encoder.forward_head(encoder.forward_features(inputs[..., :8, :8]), pre_logits=True))
         return out
     model.eval()
     out["eval"] = _plain(model(inputs))

@@ -4,7 +4,7 @@ rebuilds the same models with today's code and checks every output against these
 
 It was run once, on main at commit 5462088 (before the trunk was reshaped into one loop with hooks):
 
-    python tests/reference/make_trunk_reference.py
+    python tests/reference/make_trunk_reference.py [OUT]     (OUT: another path to write, to compare)
 
 so the tensors are a regression reference of the code as it was, not a hand-written result. Running it
 again on the reshaped code must reproduce the file (it calls only the config surface, the model's
@@ -32,7 +32,7 @@ from cases import CASES, build_case, refusal, run_case
 OUT = HERE / "trunk_reference.pt"
 
 
-def main() -> None:
+def main(out: Path = OUT) -> None:
     torch.set_num_threads(1)
     reference = {}
     for name, case in CASES.items():
@@ -42,10 +42,10 @@ def main() -> None:
             reference[name] = {"overrides": case["overrides"], "error": refusal(err)}
             continue
         reference[name] = {"overrides": case["overrides"], "outputs": run_case(built, case)}
-    torch.save(reference, OUT)
+    torch.save(reference, out)
     refused = sum("error" in entry for entry in reference.values())
-    print(f"{len(reference)} cases ({refused} refused) -> {OUT} ({OUT.stat().st_size / 1e3:.0f} kB)")
+    print(f"{len(reference)} cases ({refused} refused) -> {out} ({out.stat().st_size / 1e3:.0f} kB)")
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT)

@@ -13,7 +13,13 @@ one minus the normalized entropy, 1 - H(p) / log(K) (`criterion: entropy`); both
 threshold 1.0 never exits early (the full model) and threshold 0 exits every sample at the first exit.
 
 An exit head is a LayerNorm and a Linear on the pooled token of its block's output: the cls token, or
-the mean of the patch tokens with model.pooling=mean (as the final head pools).
+the mean of the patch tokens with model.pooling=mean (pooling.py, as the final head pools).
+
+It plugs into the trunk's loop (hooks.py) after a block (`after_block`: the exit head; at eval the samples
+that leave drop out of the batch, and the loop ends once none is left) and at the output (`output`: each
+sample's logits from where it left). It needs single images and class logits from the linear head
+(compat.py refuses temporal, metadata and task heads with it); the frames of a time series given to it
+(model/temporal=none) are read as images of their own, one output per frame, as at 5462088.
 
 To score every exit (per-exit accuracy, the share leaving at each, the mean depth) an eval forward must
 run all blocks and keep every head's logits; `record_exits(model)` does that:
@@ -29,18 +35,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from vitsweep.model.compat import CLASS_LOGITS, SINGLE_IMAGES
+from vitsweep.model.hooks import TrunkOption, TrunkPass
+from vitsweep.model.pooling import pool_tokens
+
 CRITERIA = ("max_prob", "entropy")
 
 
-class NoEarlyExit(nn.Module):
+class NoEarlyExit(TrunkOption):
     """model/early_exit=none: every sample runs every block."""
 
-    name = "none"
     blocks: tuple[int, ...] = ()
 
     def __init__(self, depth: int, dim: int, num_classes: int, pooling: str, num_prefix_tokens: int):
@@ -55,6 +64,16 @@ class ExitRecord:
     index: torch.Tensor | None = None  # (B,) long: the exit each sample left at; E = the final head
 
 
+@dataclass
+class ExitPass:
+    """One forward's exits so far (TrunkPass.notes["early_exit"])."""
+
+    drop_out: bool  # samples leave the batch at their exit (eval, not recording, real values)
+    running: torch.Tensor  # (R,) the batch indices of the samples still in the blocks
+    out: torch.Tensor | None = None  # (B, K) each sample's logits from where it left (drop_out)
+    exit_logits: list[torch.Tensor] = field(default_factory=list)  # (B, K) of each exit (training, recording)
+
+
 class ExitHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, pooling: str, num_prefix_tokens: int):
         super().__init__()
@@ -63,8 +82,7 @@ class ExitHead(nn.Module):
         self.fc = nn.Linear(dim, num_classes)
 
     def forward(self, tokens):  # (B, N, D) -> (B, K)
-        pooled = tokens[:, 0] if self.pooling == "cls" else tokens[:, self.num_prefix_tokens:].mean(dim=1)
-        return self.fc(self.norm(pooled))
+        return self.fc(self.norm(pool_tokens(tokens, self.pooling, self.num_prefix_tokens)))
 
 
 class ConfidenceExit(NoEarlyExit):
@@ -72,6 +90,7 @@ class ConfidenceExit(NoEarlyExit):
     (`criterion`) exceeds `threshold`; each exit's loss weighted by `loss_weight` in training."""
 
     name = "confidence"
+    needs = frozenset({SINGLE_IMAGES, CLASS_LOGITS})
 
     def __init__(self, blocks: Sequence[int] | None = None, threshold: float = 0.9, criterion: str = "max_prob",
                  loss_weight: float = 1.0, *, depth: int, dim: int, num_classes: int, pooling: str,
@@ -91,9 +110,6 @@ class ConfidenceExit(NoEarlyExit):
             raise ValueError(f"model.early_exit.criterion={criterion!r} is not one of: {', '.join(CRITERIA)}")
         if not float(loss_weight) >= 0:
             raise ValueError(f"model.early_exit.loss_weight={loss_weight} must be >= 0")
-        if num_classes < 2:
-            raise ValueError(f"model/early_exit=confidence needs class logits, but model.num_classes={num_classes}: "
-                             f"use it with task=classification")
         self.blocks = tuple(sorted(blocks))
         self.threshold, self.criterion, self.loss_weight = float(threshold), criterion, float(loss_weight)
         self.layers = [b + 1 for b in self.blocks] + [depth]  # blocks run by a sample leaving at each exit
@@ -111,6 +127,40 @@ class ConfidenceExit(NoEarlyExit):
             return probs.amax(dim=-1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
         return 1 - entropy / math.log(logits.shape[-1])
+
+    def after_block(self, layer: int, tokens: torch.Tensor, run: TrunkPass) -> torch.Tensor:
+        """After an exit's block, its logits: kept (training, recording), or at eval the samples whose exit
+        is confident leave with them, and the tokens (R, N, D) of those still running go on (R' <= R)."""
+        if layer not in self.blocks:
+            return tokens
+        logits = self.head(layer, tokens)  # (R, K)
+        if "early_exit" not in run.notes:  # the first exit: every sample still running
+            # samples drop out as they leave: at eval, unless record_exits wants every exit (or on the meta
+            # device, the FLOP count: no values to decide on, the whole depth, the worst case)
+            drop_out = not self.training and self.recorder is None and not tokens.is_meta
+            run.notes["early_exit"] = ExitPass(drop_out, torch.arange(tokens.shape[0], device=tokens.device))
+        exits = run.notes["early_exit"]
+        if not exits.drop_out:
+            exits.exit_logits.append(logits)
+            return tokens
+        if exits.out is None:
+            exits.out = logits.new_empty(len(exits.running), logits.shape[1])
+        leaving = self.confidence(logits) > self.threshold  # (R,)
+        if not leaving.any():
+            return tokens
+        exits.out[exits.running[leaving]] = logits[leaving]
+        staying = ~leaving
+        exits.running = exits.running[staying]
+        run.size = None if run.size is None else run.size[staying]
+        return tokens[staying]  # (R', N, D)
+
+    def output(self, out: torch.Tensor, run: TrunkPass):
+        """The final head's logits (R, K) of the samples that ran every block -> the model's output."""
+        exits = run.notes["early_exit"]
+        if exits.drop_out:
+            exits.out[exits.running] = out  # the final head takes whoever is left
+            return exits.out
+        return self.decide(exits.exit_logits, out)
 
     def decide(self, exit_logits: list[torch.Tensor], final_logits: torch.Tensor):
         """The forward's result from every exit's logits and the final head's, all (B, K): the training dict,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from vitsweep.model.compat import check_compatible
 from vitsweep.model.pretrained import freeze, load_pretrained
 from vitsweep.model.vit import VisionTransformer
 
@@ -29,10 +30,8 @@ def create_vit(pretrained: str | None = None, trainable: str = "all", **architec
 
 def start_from(model: nn.Module, pretrained: str | None, trainable: str) -> nn.Module:
     """Load `pretrained` into `model` (recording the report as `model.load_report`), then freeze."""
-    sharing = getattr(model, "sharing", None)
-    if pretrained and sharing is not None and sharing.name != "none":
-        raise ValueError(f"model.pretrained={pretrained} cannot start model/sharing={sharing.name}: pretrained layers "
-                         f"have distinct weights, shared layers one set; train it from scratch (model.pretrained=null)")
+    if pretrained:
+        check_compatible(model, pretrained=pretrained)  # model/sharing: one set of weights for several layers
     model.load_report = load_pretrained(model, pretrained) if pretrained else None
     freeze(model, trainable)
     return model

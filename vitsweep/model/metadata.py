@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from vitsweep.data.inputs import Inputs
-from vitsweep.model.clip import Clip
+from vitsweep.model.hooks import TrunkOption, TrunkPass
 
 FUSIONS = ("none", "token", "film", "late")
 
@@ -78,16 +78,18 @@ class MetadataEncoder(nn.Module):
         return self.mlp(total)
 
 
-class MetadataInput(nn.Module):
+class MetadataInput(TrunkOption):
     """The model/metadata option `fusion` (see the module docstring), built by the ViT with its width, its
-    depth and the data's metadata `spec` (DataModule.metadata_spec())."""
+    depth and the data's metadata `spec` (DataModule.metadata_spec()). Its hooks (hooks.py): `prefix_tokens`
+    (token), `after_block` (film), `pool` (late); the trunk encodes the batch's metadata (`encode`) into its
+    Clip when it reads the inputs."""
 
     def __init__(self, fusion: str = "none", dim: int = 0, depth: int = 0, spec: Mapping | None = None):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"model.metadata.fusion={fusion!r} is not one of: {', '.join(FUSIONS)}")
-        self.fusion = fusion
-        self.num_tokens = 1 if fusion == "token" else 0  # prefix tokens it adds after cls
+        self.fusion = self.name = fusion
+        self.num_tokens = 1 if fusion == "token" else 0  # prefix tokens it adds after cls (and the prompts)
         if fusion == "none":
             return
         if not spec or not (spec.get("numeric") or spec.get("categorical")):
@@ -127,22 +129,21 @@ class MetadataInput(nn.Module):
                              f"{len(encoder.numeric_names)} ({', '.join(encoder.numeric_names)})")
         return encoder(numeric, categories)
 
-    def prefix(self, tokens: torch.Tensor, clip: Clip, after: int) -> torch.Tensor:
-        """token: the metadata token inserted after the first `after` (cls) tokens, (B * T, N + 1, D)."""
+    def prefix_tokens(self, batch: int, run: TrunkPass) -> torch.Tensor | None:
+        """token: the metadata token of each frame, (B * T, 1, D), inserted after cls (and the prompts)."""
         if self.fusion != "token":
-            return tokens
-        token = clip.per_frame(clip.metadata)[:, None, :]  # (B * T, 1, D)
-        return torch.cat([tokens[:, :after], token, tokens[:, after:]], dim=1)
+            return None
+        return run.clip.per_frame(run.clip.metadata)[:, None, :]  # (B * T, 1, D)
 
-    def modulate(self, index: int, tokens: torch.Tensor, clip: Clip) -> torch.Tensor:
-        """film: block `index`'s output tokens (B * T, N, D), scaled and shifted by the sample's metadata."""
+    def after_block(self, layer: int, tokens: torch.Tensor, run: TrunkPass) -> torch.Tensor:
+        """film: block `layer`'s output tokens (B * T, N, D), scaled and shifted by the sample's metadata."""
         if self.fusion != "film":
             return tokens
-        gamma, beta = self.film[index](clip.per_frame(clip.metadata)).chunk(2, dim=-1)  # (B * T, D) each
+        gamma, beta = self.film[layer](run.clip.per_frame(run.clip.metadata)).chunk(2, dim=-1)  # (B * T, D) each
         return tokens * (1 + gamma[:, None, :]) + beta[:, None, :]
 
-    def fuse(self, pooled: torch.Tensor, clip: Clip) -> torch.Tensor:
+    def pool(self, pooled: torch.Tensor, run: TrunkPass) -> torch.Tensor:
         """late: the sample's vector (B, D) -> W [pooled; m] + b (B, D)."""
         if self.fusion != "late":
             return pooled
-        return self.late(torch.cat([pooled, clip.metadata.to(pooled.dtype)], dim=-1))
+        return self.late(torch.cat([pooled, run.clip.metadata.to(pooled.dtype)], dim=-1))

@@ -8,6 +8,9 @@ The sequence is [cls, prompts, patches]; prompts get no position embedding (the 
 shape, so pretrained weights load as they are). Prompt tokens are prefix tokens: global under
 every attention pattern, never pruned or merged, left out of mean pooling and of attention maps.
 With `model.trainable=prompt+head` only the prompts and the head train.
+
+The prompts plug into the trunk's loop (hooks.py) at `prefix_tokens` (the first layer's, after cls) and,
+deep, at `before_block` (each later layer's own, in place of the previous layer's outputs there).
 """
 
 from __future__ import annotations
@@ -17,32 +20,29 @@ import math
 import torch
 from torch import nn
 
+from vitsweep.model.hooks import TrunkOption, TrunkPass
 
-class NoPrompt(nn.Module):
+
+class NoPrompt(TrunkOption):
     """model/prompt=none."""
 
     length = 0
 
-    def __init__(self, depth: int, dim: int, patch_dim: int):
+    def __init__(self, depth: int, dim: int, patch_dim: int, start: int = 1):
         super().__init__()
-
-    def insert(self, x: torch.Tensor, after: int) -> torch.Tensor:
-        """Insert the first layer's prompts after the first `after` tokens (the cls token)."""
-        return x
-
-    def at_layer(self, x: torch.Tensor, layer: int, after: int) -> torch.Tensor:
-        """The input of block `layer` (> 0) with that layer's prompts in place (deep prompts)."""
-        return x
+        self.start = start  # the index of the first prompt token: after the cls token (0 without one)
 
 
 class ShallowPrompt(NoPrompt):
     """model/prompt=shallow: `length` learned tokens at the input."""
 
-    def __init__(self, length: int = 10, *, depth: int, dim: int, patch_dim: int):
-        super().__init__(depth, dim, patch_dim)
+    name = "shallow"
+
+    def __init__(self, length: int = 10, *, depth: int, dim: int, patch_dim: int, start: int = 1):
+        super().__init__(depth, dim, patch_dim, start)
         if length < 1:
             raise ValueError(f"model.prompt.length={length} must be >= 1 (or model/prompt=none)")
-        self.length = length
+        self.length = self.num_tokens = length
         self.tokens = nn.Parameter(torch.empty(self.layers(depth), length, dim))  # (layers, L, D)
         # VPT's init: Xavier uniform over (patch dim -> dim), as for the patch embedding
         bound = math.sqrt(6.0 / (patch_dim + dim))
@@ -51,19 +51,20 @@ class ShallowPrompt(NoPrompt):
     def layers(self, depth: int) -> int:
         return 1
 
-    def insert(self, x, after):
-        prompts = self.tokens[0].expand(x.shape[0], -1, -1)  # (B, L, D)
-        return torch.cat([x[:, :after], prompts, x[:, after:]], dim=1)
+    def prefix_tokens(self, batch: int, run: TrunkPass) -> torch.Tensor:
+        return self.tokens[0].expand(batch, -1, -1)  # (B, L, D): the first layer's prompts
 
 
 class DeepPrompt(ShallowPrompt):
     """model/prompt=deep: `length` learned tokens per layer, replacing the previous layer's."""
 
+    name = "deep"
+
     def layers(self, depth):
         return depth
 
-    def at_layer(self, x, layer, after):
+    def before_block(self, layer, tokens, run):
         if layer == 0:
-            return x
-        prompts = self.tokens[layer].expand(x.shape[0], -1, -1)  # (B, L, D)
-        return torch.cat([x[:, :after], prompts, x[:, after + self.length:]], dim=1)
+            return tokens  # the first layer's prompts were inserted at the input
+        prompts = self.tokens[layer].expand(tokens.shape[0], -1, -1)  # (B, L, D)
+        return torch.cat([tokens[:, :self.start], prompts, tokens[:, self.start + self.length:]], dim=1)

@@ -50,12 +50,15 @@ from torch import nn
 
 from vitsweep.model.attention import MultiHeadAttention
 from vitsweep.model.clip import Clip
+from vitsweep.model.compat import PATCH_GRID
+from vitsweep.model.hooks import TrunkOption, TrunkPass
 
 TIME_ENCODINGS = ("learned", "dates")
 
 
-class Temporal(nn.Module):
-    """What the trunk asks of every option; the defaults are frames that do not meet (`none`)."""
+class Temporal(TrunkOption):
+    """What the trunk asks of every temporal option (besides the hooks of hooks.py: `position`, `before_block`,
+    `pool`); the defaults are frames that do not meet (`none`)."""
 
     tubelet_size = 1  # frames embedded together: the trunk's patch embedding takes this many frames' bands
 
@@ -77,17 +80,9 @@ class Temporal(nn.Module):
         dates = None if dates is None else dates.view(B, count, k).nanmean(dim=2)  # NaN: no date known
         return stacked, Clip(count, dates, clip.metadata)
 
-    def embed(self, tokens: torch.Tensor, clip: Clip) -> torch.Tensor:
-        """Tokens (B * T, N, D) after the position embedding -> with the time encoding (divided)."""
-        return tokens
-
-    def mix(self, index: int, tokens: torch.Tensor, clip: Clip) -> torch.Tensor:
-        """Tokens (B * T, N, D) before block `index` -> after attention across frames (divided)."""
-        return tokens
-
-    def pool(self, pooled: torch.Tensor, clip: Clip) -> torch.Tensor:
+    def pool(self, pooled: torch.Tensor, run: TrunkPass) -> torch.Tensor:
         """The frames' pooled vectors (B * T, D) -> the sample's vector (B, D): their mean."""
-        return clip.frame_mean(pooled)
+        return run.clip.frame_mean(pooled)
 
     def frame_weights(self, attentions: list[torch.Tensor], clip: Clip, batch: int) -> torch.Tensor:
         """(B, T), summing to 1: how much each of the B samples' vector draws on each of its frames, from the
@@ -172,7 +167,9 @@ class TemporalBlock(nn.Module):
 
 
 class FactorisedEncoder(Temporal):
-    """model/temporal=factorised: ViViT's factorised encoder (see the module docstring)."""
+    """model/temporal=factorised: ViViT's factorised encoder (see the module docstring). Hook: `pool`."""
+
+    name = "factorised"
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, norm: Callable[[int], nn.Module] | None = None,
                  qkv_bias: bool = True, dropout: float = 0.0, attention_dropout: float = 0.0, layers: int = 2,
@@ -193,7 +190,8 @@ class FactorisedEncoder(Temporal):
                                                   max_frames) for _ in range(layers))
         self.norm = norm(dim)
 
-    def pool(self, pooled, clip):
+    def pool(self, pooled, run):
+        clip = run.clip
         if clip.frames == 1:
             return pooled  # one frame (or tubelet): the image model's vector
         frames = clip.by_sample(pooled)  # (B, T, D)
@@ -226,7 +224,12 @@ class TemporalAttention(nn.Module):
 
 
 class DividedSpaceTime(Temporal):
-    """model/temporal=divided: TimeSformer's divided space-time attention (see the module docstring)."""
+    """model/temporal=divided: TimeSformer's divided space-time attention (see the module docstring). Hooks:
+    `position` (the time encoding), `before_block` (attention across frames), `pool` (the frames' mean). It
+    attends across frames token by token, so it needs every patch token in place in every frame."""
+
+    name = "divided"
+    needs = frozenset({PATCH_GRID})
 
     def __init__(self, dim: int, depth: int, num_heads: int, norm: Callable[[int], nn.Module] | None = None,
                  qkv_bias: bool = True, dropout: float = 0.0, attention_dropout: float = 0.0, tubelet_size: int = 1,
@@ -245,19 +248,20 @@ class DividedSpaceTime(Temporal):
             nn.init.zeros_(layer.attn.proj.weight)
             nn.init.zeros_(layer.attn.proj.bias)
 
-    def embed(self, tokens, clip):
+    def position(self, tokens, run):
+        clip = run.clip
         if clip.frames == 1:
             return tokens
         time = self.time_norm(self.time(clip, tokens.shape[0] // clip.frames))  # (B, T, D)
         return tokens + time.flatten(0, 1)[:, None, :]  # every token of frame t gets frame t's vector
 
-    def mix(self, index, tokens, clip):
-        if clip.frames == 1:
+    def before_block(self, layer, tokens, run):
+        if run.clip.frames == 1:
             return tokens
         BT, N, D = tokens.shape
-        T = clip.frames
+        T = run.clip.frames
         x = tokens.view(BT // T, T, N, D).transpose(1, 2).reshape(-1, T, D)  # (B * N, T, D): one token across time
-        x = self.layers[index](x)
+        x = self.layers[layer](x)
         return x.view(BT // T, N, T, D).transpose(1, 2).reshape(BT, N, D)
 
     def frame_weights(self, attentions, clip, batch):

@@ -18,8 +18,11 @@ no extra matmul) and its MLP, as in both papers:
 
 Prefix tokens (cls, prompt tokens) are never pruned or merged. Written from the papers.
 
-Both need every layer's attention to run over whatever tokens are left, so they compose only with
-`model/attention=full` (the other patterns need the whole patch grid); the model refuses the rest.
+Both plug into the trunk inside each block (`Block.reduce`, vit.py), not at the loop's hooks (hooks.py).
+Both need every layer's attention to run over whatever tokens are left (compat.ANY_TOKENS), so they compose
+only with `model/attention=full` (the other patterns need the whole patch grid), and they take the patch grid
+away from what reads it (compat.PATCH_GRID: segmentation heads, temporal=divided): compat.py refuses the rest.
+Both rank or weigh tokens with the cls token, so each refuses model.pooling=mean when built.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitsweep.model.compat import ANY_TOKENS
+
 
 class NoTokenPruning:
     """model/token_pruning=none: every token goes through every layer."""
 
     name = "none"
+    needs: frozenset[str] = frozenset()
 
     def __init__(self, depth: int, num_heads: int, num_prefix_tokens: int, has_cls_token: bool):
         self.depth, self.num_heads, self.num_prefix_tokens = depth, num_heads, num_prefix_tokens
@@ -61,6 +67,7 @@ class EViT(NoTokenPruning):
     (0-based; null = EViT's 4th, 7th and 10th layer of 12 scaled to the depth), fuse the rest."""
 
     name = "evit"
+    needs = frozenset({ANY_TOKENS})
 
     def __init__(self, keep_rate: float = 0.7, layers: Sequence[int] | None = None, *, depth: int, num_heads: int,
                  num_prefix_tokens: int, has_cls_token: bool):
@@ -91,6 +98,7 @@ class ToMe(NoTokenPruning):
     """model/token_pruning=tome: merge `r` tokens in every layer (fewer when fewer than 2r are left)."""
 
     name = "tome"
+    needs = frozenset({ANY_TOKENS})
 
     def __init__(self, r: int = 4, *, depth: int, num_heads: int, num_prefix_tokens: int, has_cls_token: bool):
         super().__init__(depth, num_heads, num_prefix_tokens, has_cls_token)

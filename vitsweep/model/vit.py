@@ -2,9 +2,24 @@
 
 Module names follow timm's `VisionTransformer` (patch_embed.proj, cls_token, blocks.i.attn.qkv,
 blocks.i.mlp.fc1, norm, head), so timm weights port with little renaming (see pretrained.py).
-The attention pattern, the norm layer, the position embedding, token pruning, weight sharing,
-prompt tokens and early exit are components injected by the config groups model/attention,
-model/norm, model/pos_embed, model/token_pruning, model/sharing, model/prompt and model/early_exit.
+The attention pattern, the norm layer, the position embedding and weight sharing are components injected
+by the config groups model/attention, model/norm, model/pos_embed and model/sharing.
+
+One block loop, `forward_features`, serves every use of the trunk: classification and the task heads,
+early exit, MAE's encoder (the visible patches only: `visible=`), DINO's local crops (images of any size the
+patches tile: the position embedding is resampled to their grid). The research options plug into it at
+named hook points (hooks.py), each in its own module, each declaring what it needs of the trunk:
+
+    embed           patches -> [cls, prompts (model/prompt), metadata token (model/metadata=token), patches]
+                    + position embedding (+ each frame's time encoding: model/temporal=divided)
+    before a block  deep prompts (this layer's own), model/temporal=divided (attention across frames)
+    in a block      model/token_pruning (EViT, ToMe: fewer tokens between attention and MLP)
+    after a block   model/metadata=film; model/early_exit (an exit head; samples that leave drop out)
+    pooling         cls or patch mean (pooling.py), then the frames of a sample (model/temporal), then
+                    model/metadata=late
+    output          model/early_exit: each sample's logits from where it left
+
+Which options combine is decided once, when the model is built (compat.py).
 
 The head is timm's `nn.Linear` on the pooled vector unless a task gives a `TaskHead` factory
 (`head=`, plus `aux_heads=` trained alongside it; see heads.py): then the trunk hands the head the
@@ -13,10 +28,8 @@ The head is timm's `nn.Linear` on the pooled vector unless a task gives a `TaskH
 
 Image time series and metadata (model/temporal, model/metadata): `forward` also takes frames (B, T, C, H, W)
 or an `Inputs` with metadata and dates (vitsweep.data.inputs). Every frame is embedded as an image, the
-frames of a sample consecutive in the batch; the `temporal` component mixes frames (inside the blocks, or
-over the frames' pooled vectors) and the `metadata` component adds a token, modulates the blocks or joins
-the pooled vector (vitsweep.model.clip carries what they need). With the defaults (`none`) and images the
-model is the plain ViT.
+frames of a sample consecutive in the batch (vitsweep.model.clip carries what the options need). With the
+defaults (`none`) and images the model is the plain ViT.
 
 The class only builds modules: no file is read here. Pretrained weights and freezing are applied
 afterwards by the factory that the model configs target (`vitsweep.model.factory.create_vit`).
@@ -35,13 +48,16 @@ from torch import nn
 
 from vitsweep.model.attention import MultiHeadAttention, record_attention
 from vitsweep.model.clip import Clip, unpack
+from vitsweep.model.compat import SINGLE_IMAGES, check_compatible
 from vitsweep.model.early_exit import NoEarlyExit
 from vitsweep.model.heads import Features, TaskHead
+from vitsweep.model.hooks import TrunkOption, TrunkPass
 from vitsweep.model.metadata import MetadataInput
+from vitsweep.model.pooling import POOLINGS, pool_tokens
 from vitsweep.model.pos_embed import LearnedPositionEmbedding
 from vitsweep.model.prompt import NoPrompt
 from vitsweep.model.sharing import NoSharing, drop_aliases, fill_aliases, tie_blocks
-from vitsweep.model.temporal import DividedSpaceTime, FrameAverage
+from vitsweep.model.temporal import FrameAverage
 from vitsweep.model.token_pruning import NoTokenPruning
 
 
@@ -183,15 +199,15 @@ class VisionTransformer(nn.Module):
         aux_heads: dict[str, Callable[..., TaskHead]] | None = None,
         token_pruning: Callable[..., NoTokenPruning] | None = None,
         sharing: NoSharing | None = None,
-        prompt: Callable[..., nn.Module] | None = None,
+        prompt: Callable[..., NoPrompt] | None = None,
         early_exit: Callable[..., NoEarlyExit] | None = None,
-        temporal: Callable[..., nn.Module] | None = None,
+        temporal: Callable[..., TrunkOption] | None = None,
         metadata: Callable[..., MetadataInput] | None = None,
         metadata_spec: dict | None = None,
     ):
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"model.pooling={pooling!r} is not one of: cls, mean")
+        if pooling not in POOLINGS:
+            raise ValueError(f"model.pooling={pooling!r} is not one of: {', '.join(POOLINGS)}")
         if norm_placement not in ("pre", "post"):
             raise ValueError(f"model.norm_placement={norm_placement!r} is not one of: pre, post")
         if embed_dim % num_heads != 0:
@@ -207,7 +223,6 @@ class VisionTransformer(nn.Module):
         # model/metadata (none unless given): built first, since its token counts among the prefix tokens
         self.metadata = (metadata or partial(MetadataInput, fusion="none"))(dim=embed_dim, depth=depth,
                                                                             spec=metadata_spec)
-
         # model/temporal (none unless given: frames averaged); built before the patch embedding, which takes the
         # bands of every frame of its tubelets (factorised or divided with tubelet_size > 1)
         self.temporal = (temporal or FrameAverage)(dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
@@ -220,9 +235,10 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pooling == "cls" else None
         self.pos_embed = pos_embed(self.grid_size, self.num_cls_tokens, embed_dim)  # cls and patches
         self.pos_drop = nn.Dropout(dropout)
-        self.prompt = (prompt or NoPrompt)(depth=depth, dim=embed_dim, patch_dim=self.patch_embed.flattened_patch_dim)
+        self.prompt = (prompt or NoPrompt)(depth=depth, dim=embed_dim, patch_dim=self.patch_embed.flattened_patch_dim,
+                                           start=self.num_cls_tokens)
         # the tokens before the patches, global under every attention pattern: [cls, prompts, metadata]
-        self.num_prefix_tokens = self.num_cls_tokens + self.prompt.length + self.metadata.num_tokens
+        self.num_prefix_tokens = self.num_cls_tokens + self.prompt.num_tokens + self.metadata.num_tokens
         self.token_pruning = (token_pruning or NoTokenPruning)(
             depth=depth, num_heads=num_heads, num_prefix_tokens=self.num_prefix_tokens,
             has_cls_token=pooling == "cls")
@@ -238,10 +254,6 @@ class VisionTransformer(nn.Module):
             )
             for i in range(depth)
         )
-        if self.token_pruning.name != "none" and not self.blocks[0].attn.supports_token_reduction:
-            raise ValueError(
-                f"model/token_pruning={self.token_pruning.name} cannot run with {type(self.blocks[0].attn).__name__}: "
-                "its pattern needs the whole patch grid in every layer; use model/attention=full")
         # weight sharing: the layers reuse modules of earlier blocks; state_dict names them once
         self.sharing = sharing or NoSharing()
         self.shared_aliases = tie_blocks(self.blocks, self.sharing)
@@ -259,28 +271,16 @@ class VisionTransformer(nn.Module):
         else:
             self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.aux_heads = nn.ModuleDict({name: make(**geometry) for name, make in (aux_heads or {}).items()})
-        grid_readers = [name for name, h in [("task head", self.head), *self.aux_heads.items()]
-                        if getattr(h, "reads_patch_grid", False)]
-        if grid_readers and not self.keeps_token_grid:
-            raise ValueError(f"model/token_pruning={self.token_pruning.name} drops or merges patch tokens, but the "
-                             f"{', '.join(grid_readers)} reads them on the patch grid (segmentation, patch labels, "
-                             f"attention maps): use model/token_pruning=none with this task")
         # early exit: classifier heads after some blocks; a sample leaves at the first confident one
         self.early_exit = (early_exit or NoEarlyExit)(depth=depth, dim=embed_dim, num_classes=num_classes,
                                                       pooling=pooling, num_prefix_tokens=self.num_prefix_tokens)
-        if self.early_exit.name != "none" and (head is not None or self.aux_heads):
-            raise ValueError(f"model/early_exit={self.early_exit.name} exits with class logits of the linear head, "
-                             f"but this run's task gives its own heads (segmentation, multi-task or "
-                             f"task.aux_heads): use model/early_exit=none with it")
-        if self.token_pruning.name != "none" and isinstance(self.temporal, DividedSpaceTime):
-            raise ValueError(f"model/token_pruning={self.token_pruning.name} prunes each frame's tokens apart, but "
-                             f"model/temporal=divided attends across frames token by token: use "
-                             f"model/temporal=factorised with token pruning")
-        if self.early_exit.name != "none" and (not isinstance(self.temporal, FrameAverage)
-                                               or self.metadata.fusion != "none"):
-            raise ValueError(f"model/early_exit={self.early_exit.name} exits from single images: use "
-                             f"model/temporal=none and model/metadata=none with it")
+        check_compatible(self)  # every part's needs against the others (compat.py), in one line each
         self._init_weights()
+
+    @property
+    def options(self) -> tuple[TrunkOption, ...]:
+        """The options plugged into the block loop, in the order each hook point calls them (hooks.py)."""
+        return (self.prompt, self.temporal, self.metadata, self.early_exit)
 
     def _init_weights(self):
         # timm's default ViT init: truncated normal Linear weights, zero biases, tiny cls token
@@ -300,44 +300,63 @@ class VisionTransformer(nn.Module):
         candidates = {"cls_token", "pos_embed.weight", "temporal.cls_token", "temporal.time.weight"}
         return candidates & {name for name, _ in self.named_parameters()}  # those this model's options have
 
-    def embed_tokens(self, x, clip: Clip | None = None):
-        """Images (B, C, H, W), or every frame of a clip (B * T, C, H, W) -> the first block's input (B, N, D):
-        [cls, prompts, metadata token, patches] (prompts with model/prompt, the token with model/metadata=token)."""
-        clip = clip or Clip()  # images: the temporal and metadata steps below change nothing
-        x = self.patch_embed(x)  # (B, P, D)
+    # ------------------------------------------------------------------------------ the trunk
+
+    def embed(self, x: torch.Tensor, run: TrunkPass, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W), of any size the patches tile, -> the first block's input (B, N, D): [cls, the
+        options' prefix tokens (prompts, metadata token), patches]; with `visible` (B, n), those patches only."""
+        grid = self.patch_embed.grid(x)  # (B, D, gh, gw): the model's grid, or another image size's
+        x = grid.flatten(2).transpose(1, 2)  # (B, P, D)
+        c = self.num_cls_tokens
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+P, D)
-        x = self.pos_drop(self.pos_embed(x))
-        x = self.temporal.embed(x, clip)  # divided: each frame's time encoding
-        x = self.prompt.insert(x, after=self.num_cls_tokens)  # (B, p + P, D): [cls, prompts, patches]
-        return self.metadata.prefix(x, clip, after=self.num_cls_tokens + self.prompt.length)  # token: one more
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + P, D)
+        x = self.pos_drop(self.pos_embed(x, grid.shape[-2:]))  # resampled to another grid
+        if visible is not None:  # MAE: each visible patch keeps the position it was embedded at
+            index = visible[..., None].expand(-1, -1, x.shape[-1])  # (B, n, D)
+            x = torch.cat([x[:, :c], x[:, c:].gather(1, index)], dim=1)  # (B, c + n, D)
+        for option in self.options:
+            x = option.position(x, run)  # divided: each frame's time encoding
+        prefix = [tokens for option in self.options if (tokens := option.prefix_tokens(x.shape[0], run)) is not None]
+        return torch.cat([x[:, :c], *prefix, x[:, c:]], dim=1) if prefix else x  # (B, c + prompts + meta + P, D)
 
-    def forward_features(self, x, keep_blocks: frozenset[int] = frozenset(), clip: Clip | None = None):
-        """Tokens (B, N, D) after the last block (normalized with cls pooling); with `keep_blocks`, also
-        {i: block i's output tokens} for those blocks. With a `clip` (time series, metadata), x holds every
-        frame of every sample, (B * T, C, H, W), and the tokens are per frame (vitsweep.model.clip)."""
-        clip = clip or Clip()
-        x = self.embed_tokens(x, clip)
-        size = None  # (B, N) patches per token, once token merging (ToMe) has merged some
-        hidden = {}
+    def forward_features(self, x: torch.Tensor, clip: Clip | None = None, visible: torch.Tensor | None = None,
+                         run: TrunkPass | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, N, D) after the last block (normalized with cls pooling).
+
+        clip     x holds every frame of a time series, (B * T, C, H, W), and the tokens are per frame (clip.py)
+        visible  (B, n) the patch indices that go through the blocks (MAE); None: all of them
+        run      a TrunkPass to read afterwards (blocks kept, early exits); its clip, when given
+        """
+        run = run or TrunkPass(clip or Clip())
+        x = self.embed(x, run, visible)  # (B, N, D)
         for layer, block in enumerate(self.blocks):
-            x = self.prompt.at_layer(x, layer, after=self.num_cls_tokens)  # deep prompts: this layer's own
-            x = self.temporal.mix(layer, x, clip)  # divided: each token attends across its sample's frames
-            x, size = block(x, size)  # (B, N', D)
-            x = self.metadata.modulate(layer, x, clip)  # film
-            if layer in keep_blocks:
-                hidden[layer] = x
+            for option in self.options:
+                x = option.before_block(layer, x, run)  # deep prompts; divided: attention across frames
+            x, run.size = block(x, run.size)  # (B, N', D): token pruning leaves N' <= N
+            for option in self.options:
+                x = option.after_block(layer, x, run)  # film; early exit: (B', N', D), B' <= B samples left
+            if layer in run.keep_blocks:
+                run.hidden[layer] = x
+            if x.shape[0] == 0:
+                break  # every sample has left at an exit: no further block runs
         if self.pooling == "cls":
-            x = self.norm(x)
-        return (x, hidden) if keep_blocks else x
+            x = self.norm(x)  # every token; mean pooling normalizes the pooled vector (forward_head)
+        return x
 
-    def forward_head(self, x, pre_logits: bool = False):
-        if self.pooling == "cls":
-            x = x[:, 0]  # (B, D)
-        else:
-            x = self.norm(x[:, self.num_prefix_tokens:].mean(dim=1))  # (B, D)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = pool_tokens(x, self.pooling, self.num_prefix_tokens)  # (B, N, D) -> (B, D)
+        if self.pooling == "mean":
+            x = self.norm(x)  # timm's fc_norm
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
+
+    def pool(self, tokens: torch.Tensor, run: TrunkPass) -> torch.Tensor:
+        """Every frame's tokens (B * T, N, D) -> each sample's vector (B, D): pooled per frame (forward_head),
+        then the options' pooling hooks: over the frames (model/temporal), with the metadata (model/metadata=late)."""
+        pooled = self.forward_head(tokens, pre_logits=True)  # (B * T, D)
+        for option in self.options:
+            pooled = option.pool(pooled, run)  # (B, D) once the frames are pooled
+        return pooled
 
     def read_inputs(self, x) -> tuple[torch.Tensor, Clip]:
         """A batch (images, frames, or Inputs) -> (every frame as an image (B * T, C, H, W), its Clip); with
@@ -346,64 +365,27 @@ class VisionTransformer(nn.Module):
         frames = inputs.images.shape[1] if inputs.images.dim() == 5 else 1
         return self.temporal.tubelets(images, Clip(frames, inputs.dates, self.metadata.encode(inputs)))
 
-    def pool(self, tokens: torch.Tensor, clip: Clip) -> torch.Tensor:
-        """Every frame's tokens (B * T, N, D) -> each sample's vector (B, D): pooled per frame (forward_head),
-        over the frames (model/temporal), then joined with the metadata (model/metadata=late)."""
-        pooled = self.forward_head(tokens, pre_logits=True)  # (B * T, D)
-        return self.metadata.fuse(self.temporal.pool(pooled, clip), clip)  # (B, D)
-
     def forward(self, x):  # (B, C, H, W) | (B, T, C, H, W) | Inputs -> logits (B, num_classes), or the heads' outputs
-        if self.early_exit.name != "none":
-            return self.forward_early_exit(x)
-        if not isinstance(self.head, TaskHead) and not (self.aux_heads and self.training):
-            images, clip = self.read_inputs(x)
-            return self.head(self.pool(self.forward_features(images, clip=clip), clip))
+        if isinstance(self.head, TaskHead) or (self.aux_heads and self.training):
+            return self.forward_heads(x)
+        images, clip = self.read_inputs(x)
+        if any(SINGLE_IMAGES in option.needs for option in self.options):
+            clip = Clip()  # early exit: each frame of a series (model/temporal=none) exits as an image of its own
+        run = TrunkPass(clip)
+        out = self.head(self.pool(self.forward_features(images, run=run), run))  # (B, K)
+        for option in self.options:
+            out = option.output(out, run)  # early exit: each sample's logits from where it left
+        return out
+
+    def forward_heads(self, x):
+        """A task's heads on the trunk (heads.py): the main head's output, and in training mode with auxiliary
+        heads {"out": it, <aux name>: that head's output}."""
         heads = [self.head, *(self.aux_heads.values() if self.training else [])]
         features = self.features(x, heads)
         out = self.head(features) if isinstance(self.head, TaskHead) else self.head(features.pooled)
         if self.aux_heads and self.training:  # auxiliary outputs are for the training loss only
             return {"out": out, **{name: head(features) for name, head in self.aux_heads.items()}}
         return out
-
-    def forward_early_exit(self, x):
-        """model/early_exit (see early_exit.py): in training {"out": final logits (B, K), "early_exits": every
-        exit's (E, B, K)}; at eval each sample's first confident exit's logits (B, K), a sample leaving the
-        batch at its exit, so the blocks after it run on the samples still left only."""
-        exits = self.early_exit
-        # samples drop out as they leave: at eval, unless record_exits wants every exit (or on the meta
-        # device, the FLOP count: no values to decide on, the whole depth, the worst case)
-        images, _ = self.read_inputs(x)  # (B, C, H, W): early exit takes single images (refused otherwise)
-        drop_out = not self.training and exits.recorder is None and not images.is_meta
-        x, size = self.embed_tokens(images), None
-        running = torch.arange(x.shape[0], device=x.device)  # (R,) the samples still in the blocks
-        out = None  # (B, K) each sample's logits from where it left (drop_out only)
-        exit_logits = []  # (B, K) of each exit (training, recording)
-        for layer, block in enumerate(self.blocks):
-            x = self.prompt.at_layer(x, layer, after=self.num_cls_tokens)
-            x, size = block(x, size)  # (R, N', D)
-            if layer not in exits.blocks:
-                continue
-            logits = exits.head(layer, x)  # (R, K)
-            if not drop_out:
-                exit_logits.append(logits)
-                continue
-            if out is None:
-                out = logits.new_empty(len(running), logits.shape[1])
-            leaving = exits.confidence(logits) > exits.threshold  # (R,)
-            if leaving.any():
-                out[running[leaving]] = logits[leaving]
-                staying = ~leaving
-                running, x = running[staying], x[staying]  # (R', ...)
-                size = None if size is None else size[staying]
-                if len(running) == 0:
-                    return out  # everyone has left: no further block runs
-        if self.pooling == "cls":
-            x = self.norm(x)
-        final_logits = self.forward_head(x)  # (R, K)
-        if drop_out:
-            out[running] = final_logits  # the final head takes whoever is left
-            return out
-        return exits.decide(exit_logits, final_logits)
 
     def features(self, x, heads: list[nn.Module]) -> Features:
         """What `heads` read from the trunk for images x (B, C, H, W): see heads.py. Time series: the pooled
@@ -413,15 +395,17 @@ class VisionTransformer(nn.Module):
         keep = {i: i % depth for head in task_heads for i in head.reads_blocks}
         watched = {i: i % depth for head in task_heads for i in head.reads_attention}
         images, clip = self.read_inputs(x)
+        run = TrunkPass(clip, keep_blocks=frozenset(keep.values()))
         with contextlib.ExitStack() as stack:
             maps = {b: stack.enter_context(record_attention(self.blocks[b])) for b in set(watched.values())}
-            out = self.forward_features(images, frozenset(keep.values()), clip)
-        tokens, hidden = out if keep else (out, {})
-        return Features(pooled=self.pool(tokens, clip),
+            tokens = self.forward_features(images, run=run)
+        return Features(pooled=self.pool(tokens, run),
                         patch_tokens=clip.frame_mean(tokens[:, self.num_prefix_tokens:]), grid_size=self.grid_size,
                         image_size=self.patch_embed.image_size, num_prefix_tokens=self.num_prefix_tokens,
-                        hidden={i: clip.frame_mean(hidden[b]) for i, b in keep.items()},
+                        hidden={i: clip.frame_mean(run.hidden[b]) for i, b in keep.items()},
                         attention={i: clip.frame_mean(maps[b][0]) for i, b in watched.items()})  # (B, nh, N, N) each
+
+    # ------------------------------------------------------------------------------ what callers read
 
     def last_block_name(self) -> str:
         """The block whose weights the last layer runs (model.trainable=head+norm+last_block); with

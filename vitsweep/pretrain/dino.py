@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vitsweep.pretrain.encoder import check_plain_encoder, full_attention, pooled_features
+from vitsweep.model.compat import ANY_TOKENS, PLAIN_ENCODER, check_compatible
 from vitsweep.pretrain.figures import teacher_attention_figures
 from vitsweep.pretrain.multicrop import MultiCrop
 from vitsweep.pretrain.objective import Pretraining, fixed_randomness
@@ -97,16 +97,21 @@ def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torc
 
 
 class DINOModel(nn.Module):
+    kind = "dino"
+
     def __init__(self, encoder: nn.Module, out_dim: int = 1024, hidden_dim: int = 512, bottleneck_dim: int = 128,
                  head_layers: int = 3, num_local_crops: int = 6, local_crop_size: int | None = None,
                  global_crop_scale=(0.4, 1.0), local_crop_scale=(0.05, 0.4), jitter: float = 0.4,
                  jitter_p: float = 0.8, blur_p: float = 0.5, student_temp: float = 0.1, teacher_temp: float = 0.04,
                  center_momentum: float = 0.9, teacher_momentum: float = 0.996, koleo_weight: float = 0.1):
         super().__init__()
-        check_plain_encoder(encoder, "dino")
         global_size = encoder.patch_embed.image_size[0]
         local_size = local_crop_size or default_local_crop_size(encoder)
         check_crop_size(encoder, local_size)
+        # the plain encoder; local crops of another size give the blocks another patch grid
+        self.local_crop_size = local_size
+        self.needs = frozenset({PLAIN_ENCODER} | ({ANY_TOKENS} if local_size != global_size else set()))
+        check_compatible(encoder, method=self)
         self.multicrop = MultiCrop(global_size, local_size, num_local_crops, global_crop_scale, local_crop_scale,
                                    jitter, jitter_p, blur_p)
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
@@ -143,11 +148,11 @@ class DINOModel(nn.Module):
         views = self.multicrop(images, self.pixel_mean, self.pixel_std)
         global_views = torch.cat(views[:2])  # (2B, C, S, S)
         with torch.no_grad():
-            teacher_out = self.teacher_head(pooled_features(self.encoder, global_views))
-        student_features = pooled_features(self.student, global_views)
+            teacher_out = self.teacher_head(pooled(self.encoder, global_views))
+        student_features = pooled(self.student, global_views)
         student_out = [self.student_head(student_features)]
-        if len(views) > 2:  # the local crops: one forward at their smaller size
-            student_out.append(self.student_head(pooled_features(self.student, torch.cat(views[2:]))))
+        if len(views) > 2:  # the local crops: one forward at their smaller size (the trunk takes any grid)
+            student_out.append(self.student_head(pooled(self.student, torch.cat(views[2:]))))
         return torch.cat(student_out), teacher_out, student_features
 
     def loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
@@ -171,7 +176,7 @@ class DINOModel(nn.Module):
         with fixed_randomness(images.device):  # the same crops at every evaluation
             student_out, teacher_out, student_features = self.outputs(images)
         loss = self.loss(student_out, teacher_out, student_features)
-        return {"features": pooled_features(self.encoder, images), "loss": loss}
+        return {"features": pooled(self.encoder, images), "loss": loss}
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
@@ -206,6 +211,12 @@ class DINOModel(nn.Module):
         self.teacher_updates.fill_(self.updates_seen)
 
 
+def pooled(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, C, H, W) of any size the patches tile -> the encoder's pooled features (B, D), what its head
+    reads (and the kNN monitor compares)."""
+    return encoder.forward_head(encoder.forward_features(images), pre_logits=True)
+
+
 def default_local_crop_size(encoder: nn.Module) -> int:
     """DINO's 96 px local crops for 224 px global ones (3/7), rounded to a size the patches tile."""
     patch, stride = encoder.patch_embed.patch_size[0], encoder.patch_embed.stride[0]
@@ -217,10 +228,6 @@ def check_crop_size(encoder: nn.Module, size: int) -> None:
     if size < patch or (size - patch) % stride:
         raise ValueError(f"pretrain.local_crop_size={size} is not tiled by model.patch_size={patch} (stride {stride}): "
                          f"use {patch} + a multiple of {stride}")
-    if size != encoder.patch_embed.image_size[0] and not full_attention(encoder):
-        raise ValueError(f"pretrain.local_crop_size={size} gives another patch grid than the model's, which the "
-                         f"{type(encoder.blocks[0].attn).__name__} pattern (a mask over that grid) cannot take: set "
-                         f"pretrain.local_crop_size={encoder.patch_embed.image_size[0]} or model/attention=full")
 
 
 class DINO(Pretraining):

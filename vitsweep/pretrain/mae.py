@@ -8,8 +8,10 @@ normalized by that patch's own mean and variance (the paper's `norm_pix_loss`, w
 better features): predicting 0 everywhere scores 1.0, whatever the data.
 
 Patches are the encoder's own: `model.patch_size` windows every `model.patch_stride` pixels, over all
-bands, so any channel count and overlapping patches work. The encoder must attend fully
-(`model/attention=full`): the other patterns are masks over the whole patch grid.
+bands, so any channel count and overlapping patches work. The encoder is the trunk itself, run on the
+visible patches (`encoder.forward_features(images, visible=...)`): it must be the plain encoder and attend
+fully (`model/attention=full`: the other patterns are masks over the whole patch grid), the needs this
+method declares to the model's one check (vitsweep/model/compat.py).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from vitsweep.model.compat import ANY_TOKENS, PLAIN_ENCODER, check_compatible
 from vitsweep.model.pos_embed import sincos_2d
-from vitsweep.pretrain.encoder import check_plain_encoder, encode, full_attention, pooled_features
 from vitsweep.pretrain.figures import reconstruction_figure
 from vitsweep.pretrain.objective import Pretraining, fixed_randomness
 from vitsweep.pretrain.patches import normalize_patches, patchify
@@ -38,14 +40,13 @@ def random_masking(batch: int, num_patches: int, num_visible: int, device) -> tu
 
 
 class MaskedAutoencoder(nn.Module):
+    kind = "mae"
+    needs = frozenset({PLAIN_ENCODER, ANY_TOKENS})  # the plain encoder, run on the visible patches only
+
     def __init__(self, encoder: nn.Module, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
                  decoder_dim: int = 128, decoder_depth: int = 2, decoder_num_heads: int = 4):
         super().__init__()
-        check_plain_encoder(encoder, "mae")
-        if not full_attention(encoder):
-            raise ValueError(f"pretrain=mae runs the encoder on the visible patches only, which the "
-                             f"{type(encoder.blocks[0].attn).__name__} pattern (a mask over the whole grid) cannot "
-                             f"do: pretrain with model/attention=full")
+        check_compatible(encoder, method=self)
         self.encoder = encoder
         self.num_patches = encoder.patch_embed.num_patches
         self.num_visible = self.num_patches - round(mask_ratio * self.num_patches)
@@ -92,7 +93,7 @@ class MaskedAutoencoder(nn.Module):
         """For model inputs (B, C, H, W): each image's loss (B,), the predicted patches (B, P, C * p * p)
         (normalized per patch with norm_pix_loss) and the hidden-patch mask (B, P)."""
         visible, hidden = random_masking(images.shape[0], self.num_patches, self.num_visible, images.device)
-        latent = encode(self.encoder, images, visible)  # (B, prefix + n, D)
+        latent = self.encoder.forward_features(images, visible=visible)  # (B, prefix + n, D)
         if self.encoder.pooling != "cls":  # mean pooling normalizes the pooled vector only; MAE normalizes tokens
             latent = self.encoder.norm(latent)
         predicted = self.decode(latent, visible)
@@ -108,7 +109,8 @@ class MaskedAutoencoder(nn.Module):
             return {"loss": self.reconstruct(images)[0].mean()}
         with fixed_randomness(images.device):  # the same masks at every evaluation
             loss = self.reconstruct(images)[0]
-        return {"features": pooled_features(self.encoder, images), "loss": loss}
+        features = self.encoder.forward_head(self.encoder.forward_features(images), pre_logits=True)  # (B, D)
+        return {"features": features, "loss": loss}
 
 
 class MAE(Pretraining):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitsweep.model.heads import Features, TaskHead
+from vitsweep.model.pooling import pool_tokens
 
 
 class PooledLinear(TaskHead):
@@ -36,8 +37,7 @@ class PooledLinear(TaskHead):
         if self.block is None:
             return self.fc(features.pooled)
         tokens = self.norm(features.hidden[self.block])  # (B, N, D)
-        pooled = tokens[:, 0] if self.pooling == "cls" else tokens[:, self.num_prefix_tokens:].mean(dim=1)
-        return self.fc(pooled)  # (B, out)
+        return self.fc(pool_tokens(tokens, self.pooling, self.num_prefix_tokens))  # (B, out)
 
 
 class SegmentationDecoder(TaskHead):
