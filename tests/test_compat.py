@@ -30,13 +30,13 @@ def test_pretraining_takes_the_plain_encoder_and_names_every_option_set(method):
                                 temporal=FactorisedEncoder, metadata=partial(MetadataInput, fusion="film"),
                                 metadata_spec=SPEC)
     with pytest.raises(ValueError) as refused:
-        method.build(encoder)
+        method.wrap(encoder)
     assert str(refused.value) == (
-        f"pretrain={method.kind} pretrains the plain encoder, but model/prompt, model/metadata, model/temporal is set: "
+        f"pretrain={method.name} pretrains the plain encoder, but model/prompt, model/metadata, model/temporal is set: "
         f"pretrain with model/prompt=none model/metadata=none model/temporal=none, then fine-tune with it")
-    with pytest.raises(ValueError, match=rf"pretrain={method.kind} .* model/token_pruning is set: pretrain with "
+    with pytest.raises(ValueError, match=rf"pretrain={method.name} .* model/token_pruning is set: pretrain with "
                                          r"model/token_pruning=none, then"):
-        method.build(VisionTransformer(**SHAPE, num_classes=0, token_pruning=EViT))
+        method.wrap(VisionTransformer(**SHAPE, num_classes=0, token_pruning=EViT))
 
 
 def test_early_exit_needs_class_logits_of_the_linear_head():
@@ -49,6 +49,6 @@ def test_early_exit_needs_class_logits_of_the_linear_head():
 
 def test_dino_needs_attention_on_any_grid_only_for_crops_of_another_size():
     dino = partial(DINO, out_dim=16, hidden_dim=16, bottleneck_dim=8, num_local_crops=2)
-    assert dino(local_crop_size=8).build(VisionTransformer(**SHAPE, num_classes=0)).needs == {PLAIN_ENCODER,
+    assert dino(local_crop_size=8).wrap(VisionTransformer(**SHAPE, num_classes=0)).needs == {PLAIN_ENCODER,
                                                                                                ANY_TOKENS}
-    assert dino(local_crop_size=16).build(VisionTransformer(**SHAPE, num_classes=0)).needs == {PLAIN_ENCODER}
+    assert dino(local_crop_size=16).wrap(VisionTransformer(**SHAPE, num_classes=0)).needs == {PLAIN_ENCODER}

@@ -132,7 +132,7 @@ def build_case(case: dict, cfg=None):
     extra = {"metadata_spec": METADATA_SPEC} if "metadata" in case["groups"] else {}
     if "method" in case:
         encoder = instantiate(cfg.model, num_classes=0, **extra)
-        model = instantiate(cfg.pretrain).build(encoder)
+        model = instantiate(cfg.pretrain).wrap(encoder)
     else:
         task = instantiate(cfg.task)
         model = instantiate(cfg.model, **task.model_args(), **extra)

@@ -83,10 +83,10 @@ def check_compatible(model: nn.Module, method: nn.Module | None = None, pretrain
     if PLAIN_ENCODER in method.needs:
         used = [f"model/{group}" for group in ENCODER_OPTIONS if getattr(model, group).name != "none"]
         if used:
-            raise ValueError(f"pretrain={method.kind} pretrains the plain encoder, but {', '.join(used)} is set: "
+            raise ValueError(f"pretrain={method.name} pretrains the plain encoder, but {', '.join(used)} is set: "
                              f"pretrain with {' '.join(f'{group}=none' for group in used)}, then fine-tune with it")
     if ANY_TOKENS in method.needs and not any_tokens:
-        if method.kind == "mae":
+        if method.name == "mae":
             raise ValueError(f"pretrain=mae runs the encoder on the visible patches only, which the {attention} "
                              f"pattern (a mask over the whole grid) cannot do: pretrain with model/attention=full")
         raise ValueError(f"pretrain.local_crop_size={method.local_crop_size} gives another patch grid than the "

@@ -97,7 +97,7 @@ def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torc
 
 
 class DINOModel(nn.Module):
-    kind = "dino"
+    name = "dino"
 
     def __init__(self, encoder: nn.Module, out_dim: int = 1024, hidden_dim: int = 512, bottleneck_dim: int = 128,
                  head_layers: int = 3, num_local_crops: int = 6, local_crop_size: int | None = None,

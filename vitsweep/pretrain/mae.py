@@ -40,7 +40,7 @@ def random_masking(batch: int, num_patches: int, num_visible: int, device) -> tu
 
 
 class MaskedAutoencoder(nn.Module):
-    kind = "mae"
+    name = "mae"
     needs = frozenset({PLAIN_ENCODER, ANY_TOKENS})  # the plain encoder, run on the visible patches only
 
     def __init__(self, encoder: nn.Module, mask_ratio: float = 0.75, norm_pix_loss: bool = True,

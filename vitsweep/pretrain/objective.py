@@ -138,10 +138,10 @@ class Pretraining(Task):
 
     def val_class_counts(self, data) -> list[float]:
         """Images per class in val, of the first class-label target ([] when there is none)."""
-        for name, reader in self.targets().items():
+        for name in self.targets() or [None]:  # None: the data's one target, as it reads it
             summary = data.target_summary(name, split="val")
-            if reader.format == "class" and len(summary["shape"]) == 0:
-                return summary.get("class_counts", [])
+            if len(summary["shape"]) == 0 and "class_counts" in summary:  # class indices, not multi-hot or values
+                return summary["class_counts"]
         return []
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
