@@ -23,10 +23,10 @@ from vitsweep.logger.run_logger import RunLogger
 from vitsweep.model.metadata import reads_metadata
 from vitsweep.pretrain import ENCODER_PREFIX
 from vitsweep.run.build import Built, build
-from vitsweep.run.job import JobRecord, UserError, run_job
+from vitsweep.run.job import JobRecord, UserError, carry_best_forward, run_job
 from vitsweep.run.ranks import follow, leading
 from vitsweep.trainer import interrupt
-from vitsweep.trainer.checkpoint import carry_best_forward, restore
+from vitsweep.trainer.checkpoint import restore
 from vitsweep.trainer.cost import forward_flops, gflops, run_cost
 from vitsweep.trainer.distributed import is_follower, rank_zero_first
 from vitsweep.trainer.loop import FitResult, Trainer, resolve_device, seed_everything

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,28 +87,3 @@ def restore(model: torch.nn.Module, path: str | Path, map_location="cpu", checkp
     check_architecture(model, checkpoint["model"], path)
     model.load_state_dict(checkpoint["model"])
     return checkpoint
-
-
-def carry_best_forward(ckpt_path: str | Path, ckpt_dir: Path, resume_state: dict, write: bool = True) -> None:
-    """Resuming from ckpt_path into another job dir: copy the run's best.pt (beside ckpt_path) into this
-    job's checkpoints, so the test split is scored with the best epoch of the whole run even when no epoch
-    after the resume beats it. Without one to copy, the best is tracked afresh from the resume on (one
-    warning line), so that best.pt always exists at the end."""
-    source = Path(ckpt_path).expanduser().resolve().with_name("best.pt")
-    target = Path(ckpt_dir) / "best.pt"
-    if source == target.resolve():
-        return  # resuming in place: best.pt is already here
-
-    def copy(file) -> None:
-        with open(source, "rb") as best:
-            shutil.copyfileobj(best, file)
-
-    if source.is_file():
-        if not write:  # DDP: another rank (rank 0) makes the copy
-            return
-        write_atomic(target, copy)
-        log.info("resumed into a new job dir: %s carried forward to %s", source, target)
-    elif resume_state.get("best_value") is not None:
-        log.warning("ckpt_path=%s has no best.pt beside it: the best epoch is tracked afresh from the resume on "
-                    "(the earlier best, %s, has no weights to test)", ckpt_path, resume_state["best_value"])
-        resume_state["best_value"] = resume_state["best_epoch"] = resume_state["best_metrics"] = None
