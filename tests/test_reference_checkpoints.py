@@ -67,12 +67,23 @@ def test_the_mae_checkpoint_loads_by_name_and_scores_its_val_loss():
     cfg = run_config("mae_best.pt")
     saved = checkpoint("mae_best.pt")
     encoder = instantiate(OmegaConf.create(saved["config"]["model"]), num_classes=0)
-    model = instantiate(cfg.pretrain).build(encoder)
+    model = instantiate(cfg.pretrain).wrap(encoder)
     model.load_state_dict(saved["model"], strict=True)  # encoder.*, decoder_*, mask_token as they were
     images, _ = split_inputs(cfg, "val")
     with torch.no_grad():
         loss = model.eval()(images)["loss"].mean().item()  # the evaluation's fixed masks
     assert loss == pytest.approx(WRITTEN_BY["mae_best.pt"]["metrics"]["val/loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["train_best.pt", "mae_best.pt"])
+def test_vitsweep_load_rebuilds_both_from_their_stored_config(name):
+    """vitsweep.load builds the model from the config 5462088 stored, through today's build, and loads it whole."""
+    import vitsweep
+
+    model = vitsweep.load(CHECKPOINTS / name)
+    saved = checkpoint(name)["model"]
+    assert not model.training and model.state_dict().keys() == saved.keys()
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
 
 
 def test_the_mae_encoder_loads_as_model_pretrained():
