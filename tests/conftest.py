@@ -24,6 +24,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# One torch thread per test process and per process a test starts (unless the caller set OMP_NUM_THREADS):
+# the tests' tensors are tiny, and two threads on two busy cores wait on each other (the regression
+# experiment measured 87 s with 2 threads, 23 s with 1, on this 2-core machine under load).
+# A test about thread counts sets its own (tests/test_launchers.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file (a plugin): too late for the variable
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # a model that trains a step in well under a second
 TINY_MODEL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.mlp_dim=64"]
 # viz.enabled_at_end=false: the end-of-training figures would add ~10-20 s to every run on 2 cores
@@ -178,6 +186,11 @@ def run_in_process(argv: list[str], cwd: Path, environment: dict[str, str]) -> s
 
     _reset_wandb_if_settings_differ(environment)
     GlobalHydra.instance().clear()
+    # huggingface_hub reads HF_HUB_OFFLINE once, at its import: this process may have imported it already
+    hub = sys.modules.get("huggingface_hub.constants")
+    saved_hub_offline = getattr(hub, "HF_HUB_OFFLINE", None)
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = environment.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     returncode = 0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, warnings.catch_warnings():
         warnings.resetwarnings()  # a fresh interpreter's filters, and each warning shown once per place
@@ -236,6 +249,8 @@ def run_in_process(argv: list[str], cwd: Path, environment: dict[str, str]) -> s
                 dist.destroy_process_group()
             GlobalHydra.instance().clear()
             HydraConfig.instance().cfg, JobRuntime.instance().conf = saved_hydra
+            if hub is not None:
+                hub.HF_HUB_OFFLINE = saved_hub_offline
         out.seek(0)
         err.seek(0)
         stdout, stderr = (f.read().decode("utf-8", errors="replace") for f in (out, err))
