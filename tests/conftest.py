@@ -26,11 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # One torch thread per test process and per process a test starts (unless the caller set OMP_NUM_THREADS):
 # the tests' tensors are tiny, and two threads on two busy cores wait on each other (the regression
-# experiment measured 87 s with 2 threads, 23 s with 1, on this 2-core machine under load).
-# A test about thread counts sets its own (tests/test_launchers.py).
+# experiment measured 87 s with 2 threads, 23 s with 1, on this 2-core machine under load). pytest-xdist
+# runs one test process per core. A test about thread counts sets its own (tests/test_launchers.py).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "torch" in sys.modules:  # imported before this file (a plugin): too late for the variable
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# Files whose end-to-end runs take longest go first: pytest-xdist (--dist loadfile, no reordering) hands
+# each file whole to one worker in this order, so the long ones overlap instead of ending the run alone.
+LONGEST_FIRST = ["test_run.py", "test_task_runs.py", "test_temporal_learning.py", "test_swin.py",
+                 "test_reliability.py", "test_sweeps.py", "test_sharing.py", "test_pretrain_runs.py",
+                 "test_distributed.py", "test_option_smoke.py", "test_visualize.py"]
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
 
 # a model that trains a step in well under a second
 TINY_MODEL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.mlp_dim=64"]
