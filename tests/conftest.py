@@ -161,8 +161,8 @@ def _reset_wandb_if_settings_differ(environment: dict[str, str]) -> None:
         return
     from wandb.sdk import wandb_setup
 
-    singleton = wandb_setup._singleton
-    if singleton is None or not singleton._settings_environ:
+    singleton = getattr(wandb_setup, "_singleton", None)
+    if singleton is None or not getattr(singleton, "_settings_environ", None):
         return
     wanted = {k: v for k, v in environment.items() if k.startswith("WANDB_") and k != "WANDB_SERVICE"}
     current = {k: v for k, v in singleton._settings_environ.items() if k.startswith("WANDB_") and k != "WANDB_SERVICE"}
