@@ -5,6 +5,7 @@ test checks: signals, exit codes of the real entry point, torchrun, launchers, a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import json
 import logging
@@ -97,7 +98,8 @@ def run_cli(args: list[str], tmp_path: Path, multirun: bool = False, check: bool
         proc = subprocess.run(cmd, cwd=tmp_path, env=environment, capture_output=True, text=True,
                               timeout=timeout, check=False)  # `check` is ours: it prints the output on failure
     else:
-        proc = run_in_process(argv, tmp_path, environment)
+        proc = run_in_process(argv, tmp_path, environment,
+                              own_wandb=any(name.startswith("WANDB_") for name in env or {}))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, proc.args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
@@ -172,9 +174,11 @@ def _reset_wandb_if_settings_differ(environment: dict[str, str]) -> None:
         wandb.teardown()
 
 
-def run_in_process(argv: list[str], cwd: Path, environment: dict[str, str]) -> subprocess.CompletedProcess:
+def run_in_process(argv: list[str], cwd: Path, environment: dict[str, str],
+                   own_wandb: bool = False) -> subprocess.CompletedProcess:
     """run.py's `main` with sys.argv = argv, as `python run.py *argv` in `cwd` with `environment`; returns what
-    the subprocess would: exit code, stdout, stderr."""
+    the subprocess would: exit code, stdout, stderr. `own_wandb`: the run has W&B settings of its own; its W&B
+    service is ended with it, as at the exit of a process (which writes out everything the service holds)."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -235,6 +239,9 @@ def run_in_process(argv: list[str], cwd: Path, environment: dict[str, str]) -> s
             traceback.print_exc(file=sys.stderr)
             returncode = 1
         finally:
+            if own_wandb and "wandb" in sys.modules:  # what the process's exit would do, with its console still on
+                with contextlib.suppress(SystemExit):  # at exit, an atexit handler's SystemExit changes nothing
+                    sys.modules["wandb"].teardown()
             os._exit = saved_exit
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
