@@ -197,7 +197,7 @@ def test_slurm_style_tasks_follow_rank_0(one_process, tmp_path):
     leads, task 1 follows (its run.log handler dropped), and they train as the torchrun ranks do."""
     launcher = ["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
                 "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10"]
-    run_cli([*launcher, *RUN, "logger=none"], tmp_path, multirun=True)
+    run_cli([*launcher, *RUN, "logger=none"], tmp_path, multirun=True, fresh_process=True)
     job_dir = tmp_path / "sweep" / "0"
     assert read_summary(job_dir)["status"] == "completed"
     assert step_losses(job_dir) == pytest.approx(step_losses(one_process), abs=1e-4)

@@ -30,7 +30,9 @@ def check_two_jobs(sweep_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_joblib_runs_jobs_in_parallel_processes_each_with_its_own_wandb_run(tmp_path):
-    run_cli(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TWO_JOBS], tmp_path, multirun=True)
+    # OMP_NUM_THREADS unset, as a user's shell has it: loky then gives each worker its share of the cores
+    run_cli(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TWO_JOBS], tmp_path, multirun=True, fresh_process=True,
+            env={"OMP_NUM_THREADS": None})
     sweep_dir = tmp_path / "sweep"
     summaries = check_two_jobs(sweep_dir)
     # loky gives each of the 2 workers cores // 2 threads (OMP_NUM_THREADS), which torch follows
@@ -47,7 +49,7 @@ def test_joblib_runs_jobs_in_parallel_processes_each_with_its_own_wandb_run(tmp_
 def test_submitit_local_runs_each_job_with_its_cpus(tmp_path):
     launcher = ["hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1",
                 "hydra.launcher.timeout_min=20"]
-    run_cli([*launcher, *TWO_JOBS, "logger=none"], tmp_path, multirun=True)
+    run_cli([*launcher, *TWO_JOBS, "logger=none"], tmp_path, multirun=True, fresh_process=True)
     sweep_dir = tmp_path / "sweep"
     summaries = check_two_jobs(sweep_dir)
     assert [summary["threads"] for summary in summaries] == [1, 1]  # threads=null: cpus_per_task

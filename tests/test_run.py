@@ -139,7 +139,8 @@ def test_bad_input_fails_with_one_line(tmp_path, case):
         "missing_ckpt": (["mode=eval", f"ckpt_path={tmp_path / 'nope.pt'}"], "ckpt_path="),
         "mode": (["mode=fly"], "mode=fly"),
     }[case]
-    proc = run_cli([*TINY_RUN, "logger=none", *args], tmp_path, check=False)
+    proc = run_cli([*TINY_RUN, "logger=none", *args], tmp_path, check=False,
+                   fresh_process=case == "mode")  # one case through the real interpreter's exit
     assert proc.returncode == 2, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and key in error_lines[0], proc.stderr
