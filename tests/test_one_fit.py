@@ -8,12 +8,10 @@ then. Also: `vitsweep.load` rebuilds a run's model from its checkpoint, for note
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
-from conftest import TINY_MODEL, read_metrics, read_summary, run_cli
-from test_reliability import finish, nonempty_lines, start_cli, wait_for_training
+from conftest import TINY_MODEL, read_summary, run_cli
+from test_reliability import nonempty_lines, sigterm_while_training
 
 import vitsweep
 
@@ -27,17 +25,8 @@ PRETRAIN = ["mode=pretrain", "pretrain=mae", "pretrain.decoder_dim=16", "pretrai
 @pytest.mark.slow
 def test_sigterm_mid_epoch_in_pretraining_saves_the_step_and_resumes_exactly(tmp_path):
     job_dir = tmp_path / "stopped" / "run"
-    proc = start_cli([*PRETRAIN, f"hydra.run.dir={job_dir}"], tmp_path / "stopped")
-    wait_for_training(job_dir, proc)
-    proc.send_signal(signal.SIGTERM)
-    returncode, _, err = finish(proc)
-    assert returncode == 128 + signal.SIGTERM
-    (line,) = nonempty_lines(err)  # one line on stderr, no traceback
-    assert line.startswith("interrupted by SIGTERM") and "resume=true" in line
-    assert read_summary(job_dir)["status"] == "interrupted"
-    state = torch.load(job_dir / "checkpoints" / "last.pt", weights_only=True)  # there is one: mid-epoch
-    logged_steps = [row["step"] for row in read_metrics(job_dir) if "train/loss_step" in row]
-    assert state["step"] == logged_steps[-1] and 0 < state["batch_in_epoch"] == state["step"] < 64
+    state = sigterm_while_training(PRETRAIN, job_dir)  # there is a last.pt: mid-epoch
+    assert 0 < state["batch_in_epoch"] == state["step"] < 64
 
     run_cli([*PRETRAIN, "resume=true"], tmp_path / "stopped")  # the same command continues from that step
     run_cli(PRETRAIN, tmp_path / "straight")

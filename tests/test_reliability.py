@@ -213,12 +213,10 @@ def wait_for_training(job_dir: Path, proc: subprocess.Popen, timeout: float = 30
     raise AssertionError(f"the job never started training: {proc.poll()} {proc.stderr.read() if proc.stderr else ''}")
 
 
-@pytest.mark.slow
-def test_sigterm_keeps_the_step_and_resume_true_continues_exactly(tmp_path):
-    run_cli([*LONG, "logger=none"], tmp_path / "straight")
-
-    job_dir = tmp_path / "stopped" / "run"
-    proc = start_cli([*LONG, f"hydra.run.dir={job_dir}"], tmp_path / "stopped")  # logger: wandb, offline
+def sigterm_while_training(args: list[str], job_dir: Path) -> dict:
+    """`python run.py args` in job_dir, sent SIGTERM once it trains: it exits 128 + SIGTERM with one line that says
+    how to resume, records `interrupted`, and its last.pt holds the step it stopped on (returned)."""
+    proc = start_cli([*args, f"hydra.run.dir={job_dir}"], job_dir.parent)
     wait_for_training(job_dir, proc)
     proc.send_signal(signal.SIGTERM)
     returncode, _, err = finish(proc)
@@ -229,7 +227,17 @@ def test_sigterm_keeps_the_step_and_resume_true_continues_exactly(tmp_path):
     assert summary["status"] == "interrupted" and summary["error"].startswith("SIGTERM")
     state = torch.load(job_dir / "checkpoints" / "last.pt", weights_only=True)
     logged_steps = [row["step"] for row in read_metrics(job_dir) if "train/loss_step" in row]  # every step
-    assert state["step"] == logged_steps[-1] and 0 < state["step"] < 256  # saved at the step it stopped on
+    assert state["step"] == logged_steps[-1]  # saved at the step it stopped on
+    return state
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_step_and_resume_true_continues_exactly(tmp_path):
+    run_cli([*LONG, "logger=none"], tmp_path / "straight")
+
+    job_dir = tmp_path / "stopped" / "run"
+    state = sigterm_while_training(LONG, job_dir)  # logger: wandb, offline
+    assert 0 < state["step"] < 256
     (wandb_run,) = find_offline_runs(job_dir)
     assert read_offline_run(wandb_run).finished  # the W&B run was closed, not left empty
 
