@@ -316,3 +316,15 @@ def fit_in_process(model, data, epochs: int, lr: float = 3e-3) -> float:
         correct = sum(int((model(data.normalize(inputs)).argmax(1) == labels).sum())
                       for inputs, labels in data.eval_batches("test"))
     return correct / len(data.split("test"))
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny ops gain nothing from two (on a busy machine two threads wait on each
+    other), and a reference written with one thread sums in the same order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,14 +25,8 @@ MIN_LR = 1e-5
 STEPS_PER_EPOCH = 8  # 128 training images, batch 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are far too small to split: on a busy machine two threads wait on each other
-    (15x slower measured on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the tiny model's ops are far too small to split: two threads, 15x slower on 2 shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Interrupted(Exception):

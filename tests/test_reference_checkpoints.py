@@ -42,12 +42,7 @@ def checkpoint(name: str) -> dict:
     return torch.load(CHECKPOINTS / name, weights_only=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the runs of 5462088 scored with the summation order they had
 
 
 def test_the_train_checkpoint_loads_by_name_and_scores_its_test_loss():

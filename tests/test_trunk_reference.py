@@ -76,13 +76,8 @@ def fast_config(overrides: list[str]):
     return config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The reference was written with one thread (make_trunk_reference.py): the same order of summation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the reference was written with one thread: the same order of summation
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compare(got, expected, where: str) -> None:
