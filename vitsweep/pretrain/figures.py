@@ -9,25 +9,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
+from torch import nn
 
 from vitsweep.pretrain.objective import fixed_randomness
 from vitsweep.pretrain.patches import patchify, unpatchify
 from vitsweep.viz.attention import eval_mode
 from vitsweep.viz.figures import PANEL_INCHES, image_to_rgb, visualize_attention
 
-if TYPE_CHECKING:
-    from vitsweep.pretrain.mae import MaskedAutoencoder
-
 
 @torch.no_grad()
-def reconstructions(model: MaskedAutoencoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def reconstructions(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """For model inputs (B, C, H, W), in the same space: the masked input, the prediction of every patch
     (un-normalized with each true patch's mean and std under norm_pix_loss), and the prediction pasted
-    into the hidden patches; plus each image's loss (B,)."""
+    into the hidden patches; plus each image's loss (B,). `model`: MAE's MaskedAutoencoder (mae.py draws with
+    this module, so the class is not imported here)."""
     with eval_mode(model), fixed_randomness(images.device):
         loss, predicted, hidden = model.reconstruct(images)  # (B,), (B, P, C * p * p), (B, P)
     patches = patchify(images, model.patch_size, model.stride)  # (B, P, C * p * p)
@@ -42,7 +40,7 @@ def reconstructions(model: MaskedAutoencoder, images: torch.Tensor) -> dict[str,
             "pasted": torch.where(hidden_pixels, prediction, images), "loss": loss}
 
 
-def reconstruction_figure(model: MaskedAutoencoder, images: torch.Tensor, names: Sequence[str], rgb_bands=None,
+def reconstruction_figure(model: nn.Module, images: torch.Tensor, names: Sequence[str], rgb_bands=None,
                           mean=None, std=None) -> Figure:
     """A row per image: input | visible patches | prediction | prediction in the hidden patches."""
     rows = reconstructions(model, images)
